@@ -1,0 +1,71 @@
+"""tokguard: forks that do not hang in processes using tokenizers, transformers and torch.
+
+``import tokguard`` as the first line of an application does two things, on purpose, as an
+import side effect (documented in docs/how-it-works.md):
+
+1. sets ``TOKENIZERS_PARALLELISM=false`` where the process has no value for it (a value
+   the user set, any value, is kept);
+2. installs the fork guard once per process: fork hooks, an ``os.fork`` wrapper, and
+   instrumentation of tokenizers and torch when (or if already) they are imported.
+
+It imports nothing heavy: the import budget is a few milliseconds, because the pytest
+plugin loads this package in every test session of every project that installs it.
+"""
+
+from __future__ import annotations
+
+from . import _config, _env, _fork, _instrument, _report
+from ._config import configure, current_mode
+from ._probes import Hazard, hazards
+from ._report import ForkReport, UnsafeForkError, UnsafeForkWarning, subscribe
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+__all__ = [
+    "ForkReport",
+    "Hazard",
+    "UnsafeForkError",
+    "UnsafeForkWarning",
+    "__version__",
+    "configure",
+    "current_mode",
+    "hazards",
+    "reset",
+    "subscribe",
+]
+
+
+def reset() -> None:
+    """Back to the state right after import: mode from TOKGUARD_MODE, warnings not yet given.
+
+    For tests. What the pools did is not forgotten: their threads are still there.
+    """
+    _config.load_from_env()
+    _report.forget_warnings()
+
+
+def __getattr__(name: str) -> Any:
+    # Resolved on first use: importlib.metadata alone costs more than all of tokguard.
+    if name == "__version__":
+        from importlib.metadata import version
+
+        value = version("tokguard")
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tokguard' has no attribute {name!r}")
+
+
+def _start() -> None:
+    """The import-time work; a failure is reported, never raised (it would stop a server)."""
+    try:
+        _config.load_from_env()
+        _env.apply_default()
+        _fork.install()
+        _instrument.install()
+    except Exception as exc:  # pragma: no cover - defensive
+        _report.internal_error("import tokguard", exc)
+
+
+_start()

@@ -1,0 +1,95 @@
+"""TOKENIZERS_PARALLELISM, read exactly the way the tokenizers Rust crate reads it.
+
+tokenizers reads the variable through the C environment on every call, so this module
+reads the C environment too: ``os.environ`` is a snapshot taken at interpreter start and
+misses ``os.putenv`` and values set by C code.
+"""
+
+from __future__ import annotations
+
+import os
+
+VAR = "TOKENIZERS_PARALLELISM"
+
+# tokenizers/src/utils/parallelism.rs: lower-cased, not trimmed, unset counts as true.
+FALSE_VALUES = frozenset({"", "off", "false", "f", "no", "n", "0"})
+
+# Names people type instead of VAR; tokenizers ignores them silently.
+MISSPELLINGS = (
+    "TOKENIZER_PARALLELISM",
+    "TOKENIZERS_PARALLEL",
+    "TOKENIZERS_PARALLELISME",
+    "TOKENISERS_PARALLELISM",
+    "TOKENIZERS_PARRALELISM",
+    "TOKENIZERS_PARALELLISM",
+    "TOKENIZERS_PARALLELSIM",
+    "HF_TOKENIZERS_PARALLELISM",
+)
+
+TOKGUARD_SET_DEFAULT = False
+"""True once tokguard itself set VAR=false because the process had no value."""
+
+_getenv = None
+
+
+def parallel(value: str | None) -> bool:
+    """Whether tokenizers would run its rayon pool given this raw value (None = unset)."""
+    if value is None:
+        return True
+    return value.lower() not in FALSE_VALUES
+
+
+def c_getenv(name: str) -> str | None:
+    """The value the C library (and so tokenizers) sees right now."""
+    global _getenv
+    if _getenv is None:
+        try:
+            import ctypes
+
+            func = ctypes.CDLL(None).getenv
+            func.restype = ctypes.c_char_p
+            func.argtypes = [ctypes.c_char_p]
+            _getenv = func
+        except (ImportError, OSError, AttributeError):
+            # No C library to ask (an unusual platform): os.environ is the next best thing.
+            return os.environ.get(name)
+    raw = _getenv(os.fsencode(name))
+    return None if raw is None else os.fsdecode(raw)
+
+
+def _c_has(name: str) -> bool:
+    """Whether the C environment holds ``name``, without importing ctypes.
+
+    ``import ctypes`` costs several milliseconds, which would blow the import budget of
+    ``import tokguard``; the ``_ctypes`` extension alone is cheap. ``call_function`` returns
+    the low 32 bits of the pointer, so only "zero or not" is read from it.
+    """
+    try:
+        import _ctypes
+
+        handle = _ctypes.dlopen(None)
+        return _ctypes.call_function(_ctypes.dlsym(handle, "getenv"), (os.fsencode(name),)) != 0  # type: ignore[attr-defined,no-any-return]
+    except Exception:
+        return c_getenv(name) is not None
+
+
+def apply_default() -> None:
+    """Set VAR=false where the process has no value at all, keeping any value a user set.
+
+    Why false by default: a fork after the rayon pool ran hangs the child whenever the
+    variable holds a true value (FACTS.md row 2), and tokenizers' own guard only covers
+    the unset case. Serial tokenization in the parent is the price; a user who sets the
+    variable keeps their choice and tokguard repairs the children instead.
+    """
+    global TOKGUARD_SET_DEFAULT
+    if VAR in os.environ or _c_has(VAR):
+        return
+    os.environ[VAR] = "false"  # also calls putenv, so tokenizers sees it
+    TOKGUARD_SET_DEFAULT = True
+
+
+def force_serial() -> None:
+    """Child repair: tokenizers serial in this process, in both environments."""
+    os.environ[VAR] = "false"
+    # Code that rebound os.environ to a plain dict would leave the C value untouched.
+    os.putenv(VAR, "false")

@@ -1,0 +1,231 @@
+"""Record first uses of the pools, by wrapping tokenizers and torch when they get imported.
+
+tokguard must not import them itself (tokenizers costs ~14 ms, torch seconds), so a small
+meta-path finder runs a callback right after their import finishes; if they are already
+imported, the callback runs at once. wrapt has such post-import hooks, but importing wrapt
+costs ~55 ms, ten times the budget of ``import tokguard``, so this is the ~30 lines needed.
+
+The wrappers are plain functions: their hot path is one global lookup and one branch, and
+once a pool is known to be started they stop doing anything else.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from . import _env, _probes, _sites
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from importlib.machinery import ModuleSpec
+    from types import ModuleType
+    from typing import Any, Callable, Sequence
+
+_hooks: dict[str, list[Callable[[ModuleType], None]]] = {}
+
+
+class _Loader:
+    """Runs the original loader, then the hooks for the module it loaded."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+
+    def create_module(self, spec: ModuleSpec) -> ModuleType | None:
+        return self.loader.create_module(spec)  # type: ignore[no-any-return]
+
+    def exec_module(self, module: ModuleType) -> None:
+        # Put the real loader back first, so nothing downstream ever sees this one.
+        module.__loader__ = self.loader
+        if module.__spec__ is not None:
+            module.__spec__.loader = self.loader
+        self.loader.exec_module(module)
+        _run_hooks(module)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)
+
+
+class _Finder:
+    """A meta-path finder that only answers for modules with a pending hook."""
+
+    _busy: set[str] = set()
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None = None, target: ModuleType | None = None
+    ) -> ModuleSpec | None:
+        if fullname not in _hooks or fullname in self._busy:
+            return None
+        self._busy.add(fullname)
+        try:
+            for finder in sys.meta_path:
+                if finder is self or not hasattr(finder, "find_spec"):
+                    continue
+                spec = finder.find_spec(fullname, path, target)
+                if spec is not None:
+                    if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                        spec.loader = _Loader(spec.loader)
+                    return spec  # type: ignore[no-any-return]
+            return None
+        finally:
+            self._busy.discard(fullname)
+
+    def invalidate_caches(self) -> None:
+        pass
+
+
+def _run_hooks(module: ModuleType) -> None:
+    from . import _report
+
+    for hook in _hooks.pop(module.__name__, []):
+        try:
+            hook(module)
+        except Exception as exc:
+            # An instrumentation bug must never break the user's import.
+            _report.internal_error(f"instrumenting {module.__name__}", exc)
+
+
+def when_imported(name: str, hook: Callable[[ModuleType], None]) -> None:
+    """Run ``hook(module)`` once ``name`` is imported, or now if it already is."""
+    module = sys.modules.get(name)
+    if module is not None:
+        _hooks.setdefault(name, []).append(hook)
+        _run_hooks(module)
+        return
+    _hooks.setdefault(name, []).append(hook)
+    if not any(isinstance(f, _Finder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _Finder())
+
+
+def _wraps(method: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    # functools is imported here: it is not loaded at interpreter start, tokenizers is.
+    import functools
+
+    return functools.wraps(method)
+
+
+# --- tokenizers -------------------------------------------------------------------------
+
+# Calls that start the rayon pool when parallelism is on (FACTS.md, "How tokenizers decides").
+RAYON_METHODS = ("encode_batch", "encode_batch_fast", "decode_batch", "train", "train_from_iterator")
+# Calls that start the global tokio runtime.
+TOKIO_PREFIX = "async_"
+
+tokio_poisoned = False
+"""Set in a child whose parent had started tokio: async calls would hang there."""
+
+TOKIO_MESSAGE = (
+    "tokenizers.Tokenizer.{name}() in a forked child whose parent had started tokenizers' "
+    "async (tokio) runtime would hang forever, and nothing in the child can repair it "
+    "(FACTS.md row 9). Use the synchronous call here, or avoid async_* calls in the parent "
+    "before it forks, or start this worker with spawn/forkserver."
+)
+
+
+def _note_rayon() -> None:
+    if _env.parallel(_env.c_getenv(_env.VAR)):
+        _probes.rayon_first_use = _sites.user_site(_sites.POOL_LIBRARIES, depth=2) or _probes.UNRECORDED
+
+
+def _wrap_rayon(method: Callable[..., Any]) -> Callable[..., Any]:
+    @_wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if _probes.rayon_first_use is None:
+            _note_rayon()
+        return method(self, *args, **kwargs)
+
+    wrapper.__tokguard_wrapped__ = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _wrap_encode(method: Callable[..., Any]) -> Callable[..., Any]:
+    # A single encode starts the pool only with padding on; check padding first, it is cheaper.
+    @_wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if _probes.rayon_first_use is None and self.padding is not None:
+            _note_rayon()
+        return method(self, *args, **kwargs)
+
+    wrapper.__tokguard_wrapped__ = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _wrap_tokio(method: Callable[..., Any], name: str) -> Callable[..., Any]:
+    @_wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if tokio_poisoned:
+            from ._report import UnsafeForkError
+
+            raise UnsafeForkError(TOKIO_MESSAGE.format(name=name))
+        if _probes.tokio_first_use is None:
+            _probes.tokio_first_use = _sites.user_site(_sites.POOL_LIBRARIES) or _probes.UNRECORDED
+        return method(self, *args, **kwargs)
+
+    wrapper.__tokguard_wrapped__ = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def instrument_tokenizers(module: ModuleType) -> None:
+    cls = module.Tokenizer
+    if getattr(cls.encode, "__tokguard_wrapped__", False):
+        return
+    for name in RAYON_METHODS:
+        if hasattr(cls, name):
+            setattr(cls, name, _wrap_rayon(getattr(cls, name)))
+    cls.encode = _wrap_encode(cls.encode)
+    for name in dir(cls):
+        if name.startswith(TOKIO_PREFIX):
+            setattr(cls, name, _wrap_tokio(getattr(cls, name), name))
+
+
+def instrument_late_tokenizers(module: ModuleType) -> None:
+    """tokenizers was imported before tokguard: earlier batch calls went unseen.
+
+    With parallelism on and native threads about, assume the pool may have started: the
+    child repair costs little, a hang costs a worker.
+    """
+    instrument_tokenizers(module)
+    _probes.rayon_maybe_started = _env.parallel(_env.c_getenv(_env.VAR)) and _has_native_threads()
+
+
+def _has_native_threads() -> bool:
+    from . import _threads
+
+    census = _threads.census()
+    return census is None or census.native_threads > 0
+
+
+# --- torch ------------------------------------------------------------------------------
+
+_original_call_impl: Callable[..., Any] | None = None
+
+
+def instrument_torch(module: ModuleType) -> None:
+    """Name the model call that first ran torch multi-threaded, for the report.
+
+    Only ``nn.Module`` calls are seen (a bare matmul is not): that is where services run
+    their pools. The wrapper removes itself after the first multi-threaded call, so a
+    model pays for it once; the pool itself is detected by the thread census regardless.
+    """
+    global _original_call_impl
+    module_cls = module.nn.Module
+    if _original_call_impl is not None or not hasattr(module_cls, "_call_impl"):
+        return
+    original = module_cls._call_impl
+    _original_call_impl = original
+    get_num_threads = module.get_num_threads
+
+    @_wraps(original)
+    def _call_impl(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if _probes.torch_first_use is None and get_num_threads() > 1:
+            _probes.torch_first_use = _sites.user_site(_sites.POOL_LIBRARIES) or _probes.UNRECORDED
+            module_cls._call_impl = original
+        return original(self, *args, **kwargs)
+
+    module_cls._call_impl = _call_impl
+
+
+def install() -> None:
+    """Instrument tokenizers and torch now or when they get imported (idempotent)."""
+    late = "tokenizers" in sys.modules
+    when_imported("tokenizers", instrument_late_tokenizers if late else instrument_tokenizers)
+    when_imported("torch", instrument_torch)

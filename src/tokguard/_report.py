@@ -1,0 +1,193 @@
+"""What tokguard says about an unsafe fork: the report, its text, and who hears it.
+
+Every unsafe fork reaches the subscribers (metrics and tests want every one); the warning
+and the log record come once per fork site and set of pools, because a preforking server
+forks the same way for its whole life and a log full of one message hides the others.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Callable
+
+    from ._probes import Hazard
+    from ._threads import Census
+
+
+class UnsafeForkWarning(RuntimeWarning):
+    """A fork happened while a native pool was running; the child was repaired."""
+
+
+class UnsafeForkError(RuntimeError):
+    """An unsafe fork was refused (``raise`` mode), or a child used a pool it cannot use."""
+
+    def __init__(self, message: str, report: ForkReport | None = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+FIXES = (
+    "keep the pools cold until after the fork: warm up under "
+    "`with tokguard.single_threaded():`, or torch.set_num_threads(1) before the first op",
+    "load the model in each worker after the fork: @tokguard.lazy_model",
+    "start workers with spawn or forkserver: multiprocessing.get_context('spawn')",
+)
+
+
+class ForkReport:
+    """The facts of one unsafe fork, as handed to subscribers and put in messages."""
+
+    __slots__ = ("hazards", "fork_site", "mode", "refused", "census", "pid", "notes")
+
+    def __init__(
+        self,
+        hazards: list[Hazard],
+        fork_site: str | None,
+        mode: str,
+        refused: bool,
+        census: Census | None,
+        notes: list[str] | None = None,
+    ) -> None:
+        self.hazards = hazards
+        self.fork_site = fork_site
+        """``file:line in function`` of the user's code that led to the fork."""
+        self.mode = mode
+        self.refused = refused
+        """True where the fork was refused (no child exists)."""
+        self.census = census
+        self.pid = os.getpid()
+        """The parent's pid."""
+        self.notes = notes or []
+        """Extra lines from other parts of tokguard (lazy models loaded, say)."""
+
+    @property
+    def pools(self) -> tuple[str, ...]:
+        return tuple(h.pool for h in self.hazards)
+
+    @property
+    def message(self) -> str:
+        site = self.fork_site or "an unknown place"
+        verb = "refused a fork" if self.refused else "saw an unsafe fork"
+        lines = [
+            f"tokguard {verb} at {site} (pid {self.pid}).",
+            "A child forked now would hang at 0 % CPU, because these native pools run in the parent:",
+        ]
+        for h in self.hazards:
+            lines.append(f"  - {h.title}: {h.evidence}")
+            if h.first_use:
+                lines.append(f"    first used at {h.first_use}")
+            if self.refused:
+                continue
+            lines.append(f"    child repair: {h.repair or 'none possible: the child must not use it'}")
+        if self.census is not None:
+            lines.append(
+                f"  Threads in the parent: {self.census.os_threads} "
+                f"({self.census.python_threads} known to Python)."
+            )
+        lines.extend(f"  {note}" for note in self.notes)
+        lines.append("  Fix it for good, any one of:")
+        lines.extend(f"  - {fix}" for fix in FIXES)
+        if self.refused:
+            lines.append("  Mode 'raise': no child was created. TOKGUARD_MODE=warn lets such forks go on, repaired.")
+        else:
+            lines.append("  Mode 'warn': the fork went on with the repair above. TOKGUARD_MODE=raise refuses such forks.")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __repr__(self) -> str:
+        return f"ForkReport(pools={self.pools}, fork_site={self.fork_site!r}, refused={self.refused})"
+
+
+_subscribers: list[Callable[[ForkReport], object]] = []
+_warned: set[tuple[str | None, tuple[str, ...]]] = set()
+_internal_errors: set[str] = set()
+unsafe_forks = 0
+"""Unsafe forks seen by this process (the pytest plugin's summary counts them)."""
+
+
+def subscribe(callback: Callable[[ForkReport], object]) -> Callable[[], None]:
+    """Call ``callback(report)`` on every unsafe fork; returns a function that unsubscribes.
+
+    Callbacks run in the forking thread, before the fork (so they see the parent's state),
+    and must be quick. An exception in one is reported and does not stop the fork.
+    """
+    if not callable(callback):
+        raise TypeError(f"tokguard.subscribe(callback): expected a callable, got {callback!r}")
+    _subscribers.append(callback)
+
+    def unsubscribe() -> None:
+        if callback in _subscribers:
+            _subscribers.remove(callback)
+
+    return unsubscribe
+
+
+def publish(report: ForkReport) -> None:
+    """Hand the report to subscribers, then warn and log once per site and pool set.
+
+    Raises only what a warnings filter turns into an error (``-W error``): the os.fork
+    wrapper calls this before the fork, so such an error refuses the fork cleanly.
+    """
+    global unsafe_forks
+    unsafe_forks += 1
+    for callback in list(_subscribers):
+        try:
+            callback(report)
+        except Exception as exc:
+            internal_error(f"subscriber {callback!r}", exc)
+    key = (report.fork_site, report.pools)
+    if report.refused or key in _warned:
+        return
+    _warned.add(key)
+    _log(report.message)
+    filename, lineno = _split_site(report.fork_site)
+    # warn_explicit attributes the warning to the user's fork site, so per-module filters
+    # and pytest's warning capture see it where the user can act on it.
+    warnings.warn_explicit(UnsafeForkWarning(report.message), UnsafeForkWarning, filename, lineno, module=None)
+
+
+def _split_site(site: str | None) -> tuple[str, int]:
+    if site:
+        location = site.split(" in ", 1)[0]
+        filename, _, line = location.rpartition(":")
+        if filename and line.isdigit():
+            return filename, int(line)
+    return "<fork>", 0
+
+
+def _log(message: str) -> None:
+    # logging is imported here, not at module import: it costs more than tokguard itself.
+    import logging
+
+    logger = logging.getLogger("tokguard")
+    if not logger.handlers:
+        # A library's logger stays quiet unless the application configures logging; the
+        # warning already reaches stderr, and logging's last-resort handler would repeat it.
+        logger.addHandler(logging.NullHandler())
+    logger.warning(message)
+
+
+def internal_error(where: str, exc: BaseException) -> None:
+    """A bug or surprise inside tokguard: say so once on stderr and carry on."""
+    if where in _internal_errors:
+        return
+    _internal_errors.add(where)
+    try:
+        sys.stderr.write(f"tokguard: internal error in {where}, ignored: {exc!r}\n")
+    except Exception:
+        pass
+
+
+def forget_warnings() -> None:
+    """Let every site warn again (``tokguard.reset()``)."""
+    global unsafe_forks
+    _warned.clear()
+    _internal_errors.clear()
+    unsafe_forks = 0

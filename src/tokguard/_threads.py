@@ -1,0 +1,163 @@
+"""A census of the process's OS threads, and which of them belong to GNU OpenMP.
+
+Why not just count threads: ``import torch`` and ``import scipy`` each start an OpenBLAS
+server thread that is harmless at a fork (OpenBLAS has its own atfork handlers), so a count
+alone cries wolf on every torch user (FACTS.md, "Counting threads"). What hangs a child
+is a GNU OpenMP (libgomp) team that already ran in the parent. Its idle workers sit in a
+futex system call issued from inside libgomp itself, so ``/proc/self/task/TID/syscall``
+shows an instruction pointer inside libgomp's code; an OpenBLAS or rayon thread waits
+inside libc instead. That pointer is the evidence used here.
+
+Linux only; elsewhere ``census()`` returns None and the probes fall back on what the
+instrumentation recorded. Each thread is classified once and cached by thread id, so a
+fork costs a directory listing plus one small read per new thread.
+"""
+
+from __future__ import annotations
+
+import _thread
+import os
+import sys
+import time
+
+_TASKS = "/proc/self/task"
+
+# Runtimes whose worker threads do not survive a fork and whose child then hangs.
+# LLVM's libomp and Intel's libiomp5 reset themselves in a pthread_atfork handler.
+_HANGING_RUNTIMES = ("libgomp",)
+_OPENMP_RUNTIMES = ("libgomp", "libomp", "libiomp")
+
+_ranges: list[tuple[int, int, str]] = []  # executable mappings of OpenMP runtimes
+_classified: dict[int, str | None] = {}  # tid -> OpenMP library path, or None
+_UNSEEN = ""  # not a path: marks a thread not classified yet
+_SETTLE_TRIES = 30
+_SETTLE_WAIT = 0.001
+
+
+class Census:
+    """What the OS says about this process's threads at one moment."""
+
+    __slots__ = ("os_threads", "python_threads", "openmp", "busy")
+
+    def __init__(
+        self, os_threads: int, python_threads: int, openmp: dict[str, int], busy: int = 0
+    ) -> None:
+        self.os_threads = os_threads
+        self.python_threads = python_threads
+        self.openmp = openmp
+        """OpenMP library path -> number of its worker threads alive now."""
+        self.busy = busy
+        """Native threads that kept running, so could not be classified."""
+
+    @property
+    def native_threads(self) -> int:
+        """Threads Python does not know about (native pools, library helpers)."""
+        return max(0, self.os_threads - self.python_threads)
+
+    def hanging_openmp(self) -> dict[str, int]:
+        """The OpenMP teams whose presence makes a forked child hang."""
+        return {p: n for p, n in self.openmp.items() if _runtime(p) in _HANGING_RUNTIMES}
+
+    def __repr__(self) -> str:
+        return (
+            f"Census(os_threads={self.os_threads}, python_threads={self.python_threads}, "
+            f"openmp={self.openmp}, busy={self.busy})"
+        )
+
+
+def available() -> bool:
+    return os.path.isdir(_TASKS)
+
+
+def _runtime(path: str) -> str | None:
+    name = os.path.basename(path)
+    for runtime in _OPENMP_RUNTIMES:
+        if name.startswith(runtime):
+            return runtime
+    return None
+
+
+def _load_ranges() -> None:
+    found = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            if "omp" not in line:
+                continue
+            fields = line.split(None, 5)
+            if len(fields) < 6 or "x" not in fields[1] or _runtime(fields[5].strip()) is None:
+                continue
+            start, _, end = fields[0].partition("-")
+            found.append((int(start, 16), int(end, 16), fields[5].strip()))
+    _ranges[:] = found
+
+
+def _library_at(pc: int) -> str | None:
+    for start, end, path in _ranges:
+        if start <= pc < end:
+            return path
+    return None
+
+
+def _classify(tid: int) -> tuple[bool, str | None]:
+    """(settled, OpenMP library) for one thread; unsettled while it is running."""
+    try:
+        with open(f"{_TASKS}/{tid}/syscall") as f:
+            fields = f.read().split()
+    except OSError:
+        return False, None
+    if not fields or fields[0] == "running":
+        return False, None
+    pc = int(fields[-1], 16)
+    library = _library_at(pc)
+    if library is None and pc:
+        # An OpenMP runtime loaded since the ranges were read (a scikit-learn import, say).
+        _load_ranges()
+        library = _library_at(pc)
+    return True, library
+
+
+def python_thread_ids() -> set[int]:
+    threading = sys.modules.get("threading")
+    if threading is None:
+        return {_thread.get_native_id()}
+    return {t.native_id for t in threading.enumerate() if t.native_id is not None}  # type: ignore[attr-defined]
+
+
+def census() -> Census | None:
+    """Count and classify this process's threads, or None where /proc is not there."""
+    try:
+        tids = [int(t) for t in os.listdir(_TASKS)]
+    except OSError:
+        return None
+    known = python_thread_ids()
+    openmp: dict[str, int] = {}
+    alive = set(tids)
+    for tid in list(_classified):
+        if tid not in alive:
+            del _classified[tid]
+    busy = 0
+    for tid in tids:
+        if tid in known:
+            continue
+        library = _classified.get(tid, _UNSEEN)
+        if library is _UNSEEN:
+            settled, library = _classify(tid)
+            # OpenMP workers spin for a moment after a parallel region before they block;
+            # a few short waits let them settle instead of going unseen.
+            for _ in range(_SETTLE_TRIES):
+                if settled:
+                    break
+                time.sleep(_SETTLE_WAIT)
+                settled, library = _classify(tid)
+            if settled:
+                _classified[tid] = library
+            else:
+                busy += 1
+        if library is not None:
+            openmp[library] = openmp.get(library, 0) + 1
+    return Census(len(tids), len(known & alive), openmp, busy)
+
+
+def forget() -> None:
+    """Child side of a fork: no thread of the parent exists here any more."""
+    _classified.clear()
