@@ -67,8 +67,9 @@ def _c_has(name: str) -> bool:
     try:
         import _ctypes
 
-        handle = _ctypes.dlopen(None)
-        return _ctypes.call_function(_ctypes.dlsym(handle, "getenv"), (os.fsencode(name),)) != 0  # type: ignore[attr-defined,no-any-return]
+        handle = _ctypes.dlopen(None)  # type: ignore[arg-type]
+        address = _ctypes.call_function(_ctypes.dlsym(handle, "getenv"), (os.fsencode(name),))
+        return bool(address)
     except Exception:
         return c_getenv(name) is not None
 

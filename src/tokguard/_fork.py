@@ -133,7 +133,7 @@ def _after_in_child() -> None:
 
 TORCH_THREADS_MESSAGE = (
     "torch.set_num_threads({n}) in a forked child whose parent had already run torch's "
-    "OpenMP pool: the next parallel op would hang forever (FACTS.md row 5). A forked child "
+    "OpenMP pool: the next parallel op would hang forever. A forked child "
     "can only run torch single-threaded. To get parallel workers, keep the parent's pool "
     "cold (tokguard.single_threaded() around the warm-up) or start workers with spawn."
 )
@@ -141,6 +141,7 @@ TORCH_THREADS_MESSAGE = (
 
 def _repair_rayon() -> None:
     _env.force_serial()
+    _instrument.rayon_poisoned = True
     # The pool is the parent's; this process has none, and its tokenizers are serial now.
     _probes.rayon_first_use = None
     _probes.rayon_maybe_started = False
@@ -163,7 +164,7 @@ def _repair_torch() -> None:
 
     set_num_threads.__doc__ = original.__doc__
     set_num_threads.__tokguard_original__ = original  # type: ignore[attr-defined]
-    torch.set_num_threads = set_num_threads
+    torch.set_num_threads = set_num_threads  # type: ignore[attr-defined]
 
 
 def _repair_openmp() -> None:
@@ -190,7 +191,9 @@ def install() -> None:
     """Wrap os.fork / os.forkpty and register the hooks, once per process."""
     if hasattr(os.fork, "__tokguard_original__"):
         return  # a reload of tokguard: hooks from the first import are still registered
-    os.register_at_fork(before=_before, after_in_parent=_after_in_parent, after_in_child=_after_in_child)
+    os.register_at_fork(
+        before=_before, after_in_parent=_after_in_parent, after_in_child=_after_in_child
+    )
     os.fork = _guard(os.fork)
     if hasattr(os, "forkpty"):
         os.forkpty = _guard(os.forkpty)

@@ -17,9 +17,10 @@ from . import _env, _probes, _sites
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from importlib.machinery import ModuleSpec
     from types import ModuleType
-    from typing import Any, Callable, Sequence
+    from typing import Any, Callable
 
 _hooks: dict[str, list[Callable[[ModuleType], None]]] = {}
 
@@ -63,8 +64,8 @@ class _Finder:
                 spec = finder.find_spec(fullname, path, target)
                 if spec is not None:
                     if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                        spec.loader = _Loader(spec.loader)
-                    return spec  # type: ignore[no-any-return]
+                        spec.loader = _Loader(spec.loader)  # type: ignore[assignment]
+                    return spec
             return None
         finally:
             self._busy.discard(fullname)
@@ -106,7 +107,13 @@ def _wraps(method: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callabl
 # --- tokenizers -------------------------------------------------------------------------
 
 # Calls that start the rayon pool when parallelism is on (FACTS.md, "How tokenizers decides").
-RAYON_METHODS = ("encode_batch", "encode_batch_fast", "decode_batch", "train", "train_from_iterator")
+RAYON_METHODS = (
+    "encode_batch",
+    "encode_batch_fast",
+    "decode_batch",
+    "train",
+    "train_from_iterator",
+)
 # Calls that start the global tokio runtime.
 TOKIO_PREFIX = "async_"
 
@@ -116,14 +123,36 @@ tokio_poisoned = False
 TOKIO_MESSAGE = (
     "tokenizers.Tokenizer.{name}() in a forked child whose parent had started tokenizers' "
     "async (tokio) runtime would hang forever, and nothing in the child can repair it "
-    "(FACTS.md row 9). Use the synchronous call here, or avoid async_* calls in the parent "
+    "(see the tokguard docs, messages page). Use the synchronous call here, or avoid async_* calls in the parent "
     "before it forks, or start this worker with spawn/forkserver."
 )
 
 
+rayon_poisoned = False
+"""Set in a child whose parent had run the rayon pool: the child's copy of it is dead."""
+
+RAYON_MESSAGE = (
+    "TOKENIZERS_PARALLELISM={value!r} in a forked child whose parent had run tokenizers' "
+    "parallel (rayon) pool: a batch call would hang forever. tokguard set "
+    "it back to 'false' for this process; set the variable in the parent instead, or start "
+    "this worker with spawn/forkserver."
+)
+
+
 def _note_rayon() -> None:
-    if _env.parallel(_env.c_getenv(_env.VAR)):
-        _probes.rayon_first_use = _sites.user_site(_sites.POOL_LIBRARIES, depth=2) or _probes.UNRECORDED
+    value = _env.c_getenv(_env.VAR)
+    if not _env.parallel(value):
+        return
+    if rayon_poisoned:
+        # Code in the child switched parallelism back on: the next batch call would hang.
+        _env.force_serial()
+        import warnings
+
+        from ._report import UnsafeForkWarning
+
+        warnings.warn(UnsafeForkWarning(RAYON_MESSAGE.format(value=value)), stacklevel=3)
+        return
+    _probes.rayon_first_use = _sites.user_site(_sites.POOL_LIBRARIES, depth=2) or _probes.UNRECORDED
 
 
 def _wrap_rayon(method: Callable[..., Any]) -> Callable[..., Any]:

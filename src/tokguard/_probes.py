@@ -32,7 +32,7 @@ UNRECORDED = "not recorded"
 class Hazard:
     """A native pool that is running now, so a forked child would hang or fail using it."""
 
-    __slots__ = ("pool", "title", "evidence", "first_use", "repair")
+    __slots__ = ("evidence", "first_use", "pool", "repair", "title")
 
     def __init__(
         self, pool: str, title: str, evidence: str, first_use: str | None, repair: str | None
@@ -50,7 +50,9 @@ class Hazard:
         """What the child repair does, or None where no repair exists."""
 
     def __repr__(self) -> str:
-        return f"Hazard(pool={self.pool!r}, evidence={self.evidence!r}, first_use={self.first_use!r})"
+        return (
+            f"Hazard(pool={self.pool!r}, evidence={self.evidence!r}, first_use={self.first_use!r})"
+        )
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Hazard) and self.pool == other.pool
@@ -136,8 +138,7 @@ def _torch(census: _threads.Census | None) -> Hazard | None:
         "torch-openmp",
         "torch intra-op pool (GNU OpenMP)",
         evidence,
-        torch_first_use
-        or "not recorded (only nn.Module calls are seen; a bare tensor op is not)",
+        torch_first_use or "not recorded (only nn.Module calls are seen; a bare tensor op is not)",
         "torch.set_num_threads(1) in the child: it runs torch single-threaded",
     )
 
@@ -149,7 +150,10 @@ def _other_openmp(census: _threads.Census | None) -> Hazard | None:
     teams = {p: n for p, n in census.hanging_openmp().items() if not p.startswith(torch_dir)}
     if not teams:
         return None
-    described = ", ".join(f"{os.path.basename(os.path.dirname(p))}/{os.path.basename(p)}: {n}" for p, n in teams.items())
+    described = ", ".join(
+        f"{os.path.basename(os.path.dirname(p))}/{os.path.basename(p)}: {n}"
+        for p, n in teams.items()
+    )
     return Hazard(
         "openmp",
         "GNU OpenMP pool of another library",
@@ -186,7 +190,7 @@ _failed_probes: set[str] = set()
 
 def _needs_census() -> bool:
     # The census is the costly part; skip it when no pool-owning library is loaded.
-    return "torch" in sys.modules or _threads.available() and _any_native_threads()
+    return "torch" in sys.modules or (_threads.available() and _any_native_threads())
 
 
 def _any_native_threads() -> bool:

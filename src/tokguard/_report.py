@@ -42,7 +42,7 @@ FIXES = (
 class ForkReport:
     """The facts of one unsafe fork, as handed to subscribers and put in messages."""
 
-    __slots__ = ("hazards", "fork_site", "mode", "refused", "census", "pid", "notes")
+    __slots__ = ("census", "fork_site", "hazards", "mode", "notes", "pid", "refused")
 
     def __init__(
         self,
@@ -83,7 +83,9 @@ class ForkReport:
                 lines.append(f"    first used at {h.first_use}")
             if self.refused:
                 continue
-            lines.append(f"    child repair: {h.repair or 'none possible: the child must not use it'}")
+            lines.append(
+                f"    child repair: {h.repair or 'none possible: the child must not use it'}"
+            )
         if self.census is not None:
             lines.append(
                 f"  Threads in the parent: {self.census.os_threads} "
@@ -93,16 +95,22 @@ class ForkReport:
         lines.append("  Fix it for good, any one of:")
         lines.extend(f"  - {fix}" for fix in FIXES)
         if self.refused:
-            lines.append("  Mode 'raise': no child was created. TOKGUARD_MODE=warn lets such forks go on, repaired.")
+            lines.append(
+                "  Mode 'raise': no child was created. TOKGUARD_MODE=warn lets such forks go on, repaired."
+            )
         else:
-            lines.append("  Mode 'warn': the fork went on with the repair above. TOKGUARD_MODE=raise refuses such forks.")
+            lines.append(
+                "  Mode 'warn': the fork went on with the repair above. TOKGUARD_MODE=raise refuses such forks."
+            )
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.message
 
     def __repr__(self) -> str:
-        return f"ForkReport(pools={self.pools}, fork_site={self.fork_site!r}, refused={self.refused})"
+        return (
+            f"ForkReport(pools={self.pools}, fork_site={self.fork_site!r}, refused={self.refused})"
+        )
 
 
 _subscribers: list[Callable[[ForkReport], object]] = []
@@ -150,7 +158,8 @@ def publish(report: ForkReport) -> None:
     filename, lineno = _split_site(report.fork_site)
     # warn_explicit attributes the warning to the user's fork site, so per-module filters
     # and pytest's warning capture see it where the user can act on it.
-    warnings.warn_explicit(UnsafeForkWarning(report.message), UnsafeForkWarning, filename, lineno, module=None)
+    # (Passing module=None explicitly would make CPython skip the filters: leave it out.)
+    warnings.warn_explicit(UnsafeForkWarning(report.message), UnsafeForkWarning, filename, lineno)
 
 
 def _split_site(site: str | None) -> tuple[str, int]:

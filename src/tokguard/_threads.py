@@ -37,7 +37,7 @@ _SETTLE_WAIT = 0.001
 class Census:
     """What the OS says about this process's threads at one moment."""
 
-    __slots__ = ("os_threads", "python_threads", "openmp", "busy")
+    __slots__ = ("busy", "openmp", "os_threads", "python_threads")
 
     def __init__(
         self, os_threads: int, python_threads: int, openmp: dict[str, int], busy: int = 0
@@ -120,7 +120,7 @@ def python_thread_ids() -> set[int]:
     threading = sys.modules.get("threading")
     if threading is None:
         return {_thread.get_native_id()}
-    return {t.native_id for t in threading.enumerate() if t.native_id is not None}  # type: ignore[attr-defined]
+    return {t.native_id for t in threading.enumerate() if t.native_id is not None}
 
 
 def census() -> Census | None:
