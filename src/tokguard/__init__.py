@@ -59,13 +59,12 @@ def __getattr__(name: str) -> Any:
 
 def _start() -> None:
     """The import-time work; a failure is reported, never raised (it would stop a server)."""
-    try:
-        _config.load_from_env()
-        _env.apply_default()
-        _fork.install()
-        _instrument.install()
-    except Exception as exc:  # pragma: no cover - defensive
-        _report.internal_error("import tokguard", exc)
+    # One step's failure must not cost the others (a guard without hooks protects nothing).
+    for step in (_config.load_from_env, _env.apply_default, _fork.install, _instrument.install):
+        try:
+            step()
+        except Exception as exc:  # pragma: no cover - defensive
+            _report.internal_error(f"import tokguard ({step.__module__}.{step.__name__})", exc)
 
 
 _start()

@@ -8,6 +8,7 @@ there would take a server down), so it warns and falls back to the default.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 TYPE_CHECKING = False
@@ -34,12 +35,16 @@ def mode_from_env() -> str:
     value = raw.strip().lower()
     if value in MODES:
         return value
-    warnings.warn(
+    message = (
         f"{ENV_VAR}={raw!r} is not a tokguard mode; valid values are {_choices()}. "
-        f"Using {DEFAULT_MODE!r}.",
-        RuntimeWarning,
-        stacklevel=2,
+        f"Using {DEFAULT_MODE!r}."
     )
+    try:
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+    except Warning:
+        # -W error made the warning an exception; at import it would stop the guard (or a
+        # server), so say it on stderr instead.
+        sys.stderr.write(f"RuntimeWarning: {message}\n")
     return DEFAULT_MODE
 
 

@@ -57,6 +57,24 @@ def c_getenv(name: str) -> str | None:
     return None if raw is None else os.fsdecode(raw)
 
 
+_VAR_BYTES = VAR.encode()
+_FALSE_BYTES = frozenset(v.encode() for v in FALSE_VALUES)
+
+
+def c_parallel() -> bool:
+    """``parallel(c_getenv(VAR))``, about three times faster: the wrappers' hot path.
+
+    bytes.lower() only folds ASCII, like the false set itself; no non-ASCII character
+    lower-cases to one of its letters, so the answer is the same as tokenizers' own.
+    """
+    if _getenv is None:
+        c_getenv(VAR)
+        if _getenv is None:
+            return parallel(os.environ.get(VAR))
+    raw = _getenv(_VAR_BYTES)
+    return raw is None or raw.lower() not in _FALSE_BYTES
+
+
 def _c_has(name: str) -> bool:
     """Whether the C environment holds ``name``, without importing ctypes.
 

@@ -140,10 +140,10 @@ RAYON_MESSAGE = (
 
 
 def _note_rayon() -> None:
-    value = _env.c_getenv(_env.VAR)
-    if not _env.parallel(value):
+    if not _env.c_parallel():  # the hot path: every batch call while parallelism is off
         return
     if rayon_poisoned:
+        value = _env.c_getenv(_env.VAR)
         # Code in the child switched parallelism back on: the next batch call would hang.
         _env.force_serial()
         import warnings
@@ -212,8 +212,16 @@ def instrument_late_tokenizers(module: ModuleType) -> None:
     With parallelism on and native threads about, assume the pool may have started: the
     child repair costs little, a hang costs a worker.
     """
+    if getattr(module.Tokenizer.encode, "__tokguard_wrapped__", False):
+        # A reload of tokguard: the wrappers have seen every call since the first import,
+        # so nothing went unseen and guessing now would only cry wolf.
+        return
     instrument_tokenizers(module)
-    _probes.rayon_maybe_started = _env.parallel(_env.c_getenv(_env.VAR)) and _has_native_threads()
+    # Judged on the value earlier calls saw: where tokguard just set its default, the
+    # variable was unset until now, and unset means parallel. The probe re-reads the
+    # current value at each fork, so a user who later sets it to true is still covered.
+    was_parallel = _env.TOKGUARD_SET_DEFAULT or _env.parallel(_env.c_getenv(_env.VAR))
+    _probes.rayon_maybe_started = was_parallel and _has_native_threads()
 
 
 def _has_native_threads() -> bool:

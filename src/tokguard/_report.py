@@ -80,7 +80,8 @@ class ForkReport:
         for h in self.hazards:
             lines.append(f"  - {h.title}: {h.evidence}")
             if h.first_use:
-                lines.append(f"    first used at {h.first_use}")
+                where = "first use" if h.first_use.startswith("not recorded") else "first used at"
+                lines.append(f"    {where} {h.first_use}")
             if self.refused:
                 continue
             lines.append(
@@ -164,7 +165,8 @@ def publish(report: ForkReport) -> None:
 
 def _split_site(site: str | None) -> tuple[str, int]:
     if site:
-        location = site.split(" in ", 1)[0]
+        # rsplit: a directory name may hold " in ", a function name cannot.
+        location = site.rsplit(" in ", 1)[0]
         filename, _, line = location.rpartition(":")
         if filename and line.isdigit():
             return filename, int(line)

@@ -1,0 +1,258 @@
+"""What the guard costs: import, per fork, per tokenizers call; and what parallelism is worth.
+
+Run: ``HF_HUB_OFFLINE=1 python benchmarks/bench_guard.py [--quick]``
+
+Prints one table; every guarded figure sits next to its unguarded baseline measured in the
+same run, with the ratio. Each baseline is measured in a fresh interpreter that never
+imports tokguard (the helpers are loaded by file path), or on the original method that the
+wrapper keeps as ``__wrapped__``. Measurements of a pair are interleaved, so load from other
+processes on the machine hits both sides alike; medians are reported.
+
+Targets (issue 2): import adds at most 5 ms; the wrapper adds at most 3 % to a short
+``encode`` and 1 % to an ``encode_batch`` of 64 texts; the before-fork judgement with
+nothing active stays below 30 us.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+ENV.pop("TOKENIZERS_PARALLELISM", None)
+ENV.pop("TOKGUARD_MODE", None)
+# Measure what an installed package costs: its bytecode cached, as pip leaves it. With
+# PYTHONDONTWRITEBYTECODE set, a source edited since the last cache is compiled on every start.
+ENV.pop("PYTHONDONTWRITEBYTECODE", None)
+
+rows: list[tuple[str, str, str, str, str]] = []
+
+
+def add(what: str, base: float, guarded: float, unit: str, target: str = "") -> None:
+    ratio = guarded / base if base else float("nan")
+    rows.append((what, f"{base:.3f} {unit}", f"{guarded:.3f} {unit}", f"{ratio:.4f}x", target))
+
+
+def add_plain(what: str, value: str, note: str = "") -> None:
+    rows.append((what, "", value, "", note))
+
+
+def run_worker(args: list[str]) -> dict[str, float]:
+    """Run this script as a worker in a fresh interpreter; it prints one JSON object."""
+    out = subprocess.run(
+        [sys.executable, __file__, *args],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    ).stdout
+    return dict(json.loads(out.strip().splitlines()[-1]))
+
+
+# --- import cost ----------------------------------------------------------------------------
+
+
+def bench_import(reps: int) -> None:
+    def once(code: str) -> float:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], env=ENV, check=True, timeout=60)
+        return time.perf_counter() - start
+
+    once("import tokguard")  # writes any stale bytecode cache once
+    bare, guarded = [], []
+    for _ in range(reps):  # interleaved: machine load hits both alike
+        bare.append(once("pass"))
+        guarded.append(once("import tokguard"))
+    b, g = statistics.median(bare) * 1e3, statistics.median(guarded) * 1e3
+    add("interpreter start: `python -c pass` vs `import tokguard`", b, g, "ms")
+    rows[-1] = (*rows[-1][:4], f"+{g - b:.2f} ms (target <= 5 ms)")
+
+
+def import_self_time() -> float:
+    """tokguard's own share by -X importtime (cumulative us of the top-level package)."""
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "import tokguard"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stderr
+    for line in out.splitlines():
+        parts = [p.strip() for p in line.split("|")]
+        if len(parts) == 3 and parts[2] == "tokguard":
+            return int(parts[1]) / 1000
+    return float("nan")
+
+
+# --- fork cost (workers) --------------------------------------------------------------------
+
+
+def worker_fork(guard: bool, torch_idle: bool, forks: int) -> None:
+    """Median fork()+waitpid() of an empty child, and the judgement alone (guarded)."""
+    if guard:
+        import tokguard  # noqa: F401
+    if torch_idle:
+        import torch  # noqa: F401
+    times = []
+    for _ in range(forks):
+        start = time.perf_counter()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+        times.append(time.perf_counter() - start)
+    result = {"fork_us": statistics.median(times) * 1e6}
+    if guard:
+        from tokguard import _fork, _probes
+
+        judge, assess = [], []
+        for _ in range(2000):
+            start = time.perf_counter()
+            _probes.assess()
+            assess.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            _fork._judge(refusable=True, depth=1)
+            judge.append(time.perf_counter() - start)
+        result["assess_us"] = statistics.median(assess) * 1e6
+        result["judge_us"] = statistics.median(judge) * 1e6
+    print(json.dumps(result))
+
+
+def bench_fork(forks: int) -> None:
+    for torch_idle in (False, True):
+        if torch_idle and importlib.util.find_spec("torch") is None:
+            add_plain("fork with torch imported", "skipped: torch not installed")
+            continue
+        bare = run_worker(["--worker", "fork", "--forks", str(forks)] + (["--torch"] * torch_idle))
+        guarded = run_worker(
+            ["--worker", "fork", "--guard", "--forks", str(forks)] + (["--torch"] * torch_idle)
+        )
+        label = "torch imported, idle" if torch_idle else "nothing active"
+        add(
+            f"os.fork()+waitpid, {label}",
+            bare["fork_us"],
+            guarded["fork_us"],
+            "us",
+            f"+{guarded['fork_us'] - bare['fork_us']:.1f} us per fork",
+        )
+        add_plain(
+            f"  judgement alone (_probes.assess / _fork._judge), {label}",
+            f"{guarded['assess_us']:.2f} / {guarded['judge_us']:.2f} us",
+            "target < 30 us",
+        )
+
+
+# --- tokenizers wrappers (worker) -----------------------------------------------------------
+
+
+def _interleaved(a: object, b: object, number: int, repeat: int) -> tuple[float, float]:
+    """Median time per call of two callables, measured in alternating rounds."""
+    ta, tb = [], []
+    for _ in range(repeat):
+        for f, acc in ((a, ta), (b, tb)):
+            start = time.perf_counter()
+            for _ in range(number):
+                f()  # type: ignore[operator]
+            acc.append((time.perf_counter() - start) / number)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def worker_tokenizers(quick: bool) -> None:
+    import tokguard  # noqa: F401
+    from tokguard import _lab
+
+    tok = _lab.train_tokenizer()
+    cls = type(tok)
+    encode, encode_batch = cls.encode.__wrapped__, cls.encode_batch.__wrapped__
+    text = "the tokenizer forks quickly."
+    texts = _lab.corpus(64)
+    result = {}
+    repeat = 11 if quick else 41
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    result["encode_orig"], result["encode_wrapped"] = _interleaved(
+        lambda: encode(tok, text), lambda: tok.encode(text), 2000, repeat
+    )
+    tok.enable_padding()
+    result["encode_pad_orig"], result["encode_pad_wrapped"] = _interleaved(
+        lambda: encode(tok, text), lambda: tok.encode(text), 2000, repeat
+    )
+    tok.no_padding()
+    result["batch_orig"], result["batch_wrapped"] = _interleaved(
+        lambda: encode_batch(tok, texts), lambda: tok.encode_batch(texts), 20, repeat
+    )
+    # Parent throughput: the variable is read on every call, so switching it works in-process.
+    many = _lab.corpus(2000)
+    serial, parallel = [], []
+    for _ in range(5 if quick else 15):
+        for value, acc in (("false", serial), ("true", parallel)):
+            os.environ["TOKENIZERS_PARALLELISM"] = value
+            start = time.perf_counter()
+            tok.encode_batch(many)
+            acc.append(time.perf_counter() - start)
+    result["serial_2000"] = statistics.median(serial)
+    result["parallel_2000"] = statistics.median(parallel)
+    print(json.dumps(result))
+
+
+def bench_tokenizers(quick: bool) -> None:
+    r = run_worker(["--worker", "tokenizers"] + (["--quick"] if quick else []))
+    for key, label, target in (
+        ("encode", "Tokenizer.encode, 1 short text (no padding)", 3.0),
+        ("encode_pad", "Tokenizer.encode, 1 short text, padding on", 3.0),
+        ("batch", "Tokenizer.encode_batch, 64 texts", 1.0),
+    ):
+        base, wrapped = r[f"{key}_orig"] * 1e6, r[f"{key}_wrapped"] * 1e6
+        extra = (wrapped / base - 1) * 100
+        add(label, base, wrapped, "us", f"{extra:+.2f} % (target <= {target:g} %)")
+    serial, parallel = r["serial_2000"] * 1e3, r["parallel_2000"] * 1e3
+    rows.append(
+        (
+            "encode_batch 2,000 texts: PARALLELISM=false (base) vs true",
+            f"{serial:.1f} ms",
+            f"{parallel:.1f} ms",
+            f"{parallel / serial:.3f}x",
+            f"parallel is {serial / parallel:.2f}x faster on {os.cpu_count()} cores",
+        )
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--worker", choices=["fork", "tokenizers"], help=argparse.SUPPRESS)
+    parser.add_argument("--guard", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--torch", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--forks", type=int, default=400, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker == "fork":
+        worker_fork(args.guard, args.torch, args.forks)
+        return
+    if args.worker == "tokenizers":
+        worker_tokenizers(args.quick)
+        return
+
+    bench_import(10 if args.quick else 40)
+    add_plain("  tokguard's own import time (-X importtime)", f"{import_self_time():.2f} ms")
+    bench_fork(100 if args.quick else 400)
+    bench_tokenizers(args.quick)
+
+    headers = ("measurement", "without tokguard", "with tokguard", "ratio", "note")
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(5)]
+    line = " | ".join(h.ljust(w) for h, w in zip(headers, widths))
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores")
+    print(line)
+    print("-+-".join("-" * w for w in widths))
+    for row in rows:
+        print(" | ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""``single_threaded()``: warm up a model without starting a pool the children would inherit.
+
+A preloading server (gunicorn ``--preload``, celery prefork) wants the model in the master,
+so the workers share its memory copy-on-write. Warming it up there normally starts torch's
+OpenMP pool (and, with parallelism on, tokenizers' rayon pool); every forked worker must then
+run single-threaded or hang (FACTS.md rows 4, 5, 7). Run the same warm-up with torch at one
+thread and tokenizers serial, put both settings back, and no pool ever started: each worker
+starts its own, at full parallel speed, on the shared model (FACTS.md row 10).
+
+The settings are process-wide, so concurrent and nested blocks share one saved state: the
+first block to enter saves it, the last one to leave restores it. Another thread running
+torch while a block is open runs single-threaded too.
+"""
+
+from __future__ import annotations
+
+import _thread
+import os
+import sys
+
+from . import _env, _instrument
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from types import ModuleType, TracebackType
+    from typing import Callable, TypeVar
+
+    _F = TypeVar("_F", bound=Callable[..., object])
+
+__all__ = ["single_threaded"]
+
+_ABSENT = "\0absent"  # os.environ values are str: this one cannot come from a real variable
+
+_lock = _thread.allocate_lock()
+_holders: dict[int, int] = {}
+"""Thread ident -> how many blocks that thread has open."""
+_saved_env: str = _ABSENT
+"""TOKENIZERS_PARALLELISM in os.environ before the first block (``_ABSENT``: not there)."""
+_saved_c_env: str | None = None
+"""The same variable in the C environment (None: unset), which tokenizers reads."""
+_saved_torch_threads = 0
+"""torch.get_num_threads() before the first block; 0 while torch is not (yet) touched."""
+_torch_hook_pending = False
+
+
+def active() -> bool:
+    """Whether a ``single_threaded()`` block is open in this process."""
+    return bool(_holders)
+
+
+def _torch_imported(torch: ModuleType) -> None:
+    """torch was imported inside an open block: its warm-up must not start the pool either."""
+    global _torch_hook_pending
+    with _lock:
+        _torch_hook_pending = False
+        if _holders and not _saved_torch_threads:
+            _limit_torch(torch)
+
+
+def _limit_torch(torch: ModuleType) -> None:
+    global _saved_torch_threads
+    _saved_torch_threads = int(torch.get_num_threads())
+    if _saved_torch_threads > 1:
+        torch.set_num_threads(1)
+
+
+def _enter() -> None:
+    global _saved_env, _saved_c_env, _saved_torch_threads, _torch_hook_pending
+    ident = _thread.get_ident()
+    with _lock:
+        first = not _holders
+        _holders[ident] = _holders.get(ident, 0) + 1
+        if not first:
+            return
+        _saved_env = os.environ.get(_env.VAR, _ABSENT)
+        _saved_c_env = _env.c_getenv(_env.VAR)
+        _saved_torch_threads = 0
+        try:
+            os.environ[_env.VAR] = "false"
+            os.putenv(_env.VAR, "false")  # also where os.environ was rebound to a plain dict
+            torch = sys.modules.get("torch")
+            if torch is not None and hasattr(torch, "get_num_threads"):
+                _limit_torch(torch)
+            elif not _torch_hook_pending:
+                _torch_hook_pending = True
+                _instrument.when_imported("torch", _torch_imported)
+        except BaseException:
+            _holders.pop(ident, None)
+            _restore()
+            raise
+
+
+def _exit() -> None:
+    ident = _thread.get_ident()
+    with _lock:
+        count = _holders.get(ident, 0)
+        if count <= 1:
+            _holders.pop(ident, None)
+        else:
+            _holders[ident] = count - 1
+        if not _holders:
+            _restore()
+
+
+def _restore() -> None:
+    """Put back the saved settings; called with ``_lock`` held (or in a fork child)."""
+    global _saved_torch_threads
+    if _saved_env == _ABSENT:
+        os.environ.pop(_env.VAR, None)
+    else:
+        os.environ[_env.VAR] = _saved_env
+    # os.environ's view may differ from the C one (os.putenv, C code): restore that exactly.
+    if _saved_c_env is None:
+        os.unsetenv(_env.VAR)
+    else:
+        os.putenv(_env.VAR, _saved_c_env)
+    threads, _saved_torch_threads = _saved_torch_threads, 0
+    torch = sys.modules.get("torch")
+    if threads > 1 and torch is not None:
+        from . import _fork
+
+        if "torch-openmp" in _fork.repaired:
+            # This child was forked with the parent's pool running: it must stay at one
+            # thread (FACTS.md row 5), and the guard's repair refuses anything more.
+            return
+        torch.set_num_threads(threads)
+
+
+class _SingleThreaded:
+    """Context manager and decorator returned by ``single_threaded()``."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        _enter()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        _exit()
+
+    def __call__(self, func: _F) -> _F:
+        import functools
+
+        @functools.wraps(func)
+        def wrapper(*args: object, **kwargs: object) -> object:
+            with self:
+                return func(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    def __repr__(self) -> str:
+        return "tokguard.single_threaded()"
+
+
+def single_threaded() -> _SingleThreaded:
+    """Run a warm-up with torch at one thread and ``TOKENIZERS_PARALLELISM=false``.
+
+    Use it around model loading and warm-up in a process that forks afterwards (a gunicorn
+    master with ``--preload``, a celery parent): no native pool starts, so the forked workers
+    keep the parent's thread settings and run in parallel while sharing the model's memory.
+    On exit the previous torch thread count and the previous value of the variable are put
+    back exactly, including "unset", in ``os.environ`` and in the C environment.
+
+    Usable as ``with tokguard.single_threaded():`` or as a decorator
+    ``@tokguard.single_threaded()``. Blocks nest and may be open in several threads at once:
+    the settings are restored when the last one closes.
+    """
+    return _SingleThreaded()
+
+
+def _after_fork_in_child() -> None:
+    """Only the forking thread survives: blocks other threads had open are closed here."""
+    global _lock
+    try:
+        _lock = _thread.allocate_lock()
+        ident = _thread.get_ident()
+        mine = _holders.get(ident, 0)
+        had_blocks = bool(_holders)
+        _holders.clear()
+        if mine:
+            _holders[ident] = mine  # this thread leaves its blocks itself, and restores then
+        elif had_blocks:
+            _restore()
+    except Exception as exc:  # never raise out of a fork hook
+        from . import _report
+
+        _report.internal_error("single_threaded() after fork", exc)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,214 @@
+"""The ``tokguard`` command (also ``python -m tokguard``): ``doctor``, ``check``, ``demo``.
+
+Exit statuses are part of the interface, because ``tokguard check`` is meant as a CI gate
+and a gate must tell "your app is unsafe" apart from "the gate itself was called wrongly".
+argparse's own status 2 for a usage error would collide with "the app failed to import",
+so usage errors use 64 (``EX_USAGE`` of sysexits.h) instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NoReturn
+
+# Exit statuses, documented in docs/cli.md; keep the two in step.
+EXIT_OK = 0
+"""doctor ran; check found the app safe; demo: every row behaved as expected with tokguard."""
+EXIT_UNSAFE = 1
+"""check: a worker forked now would hang; demo: a row still hung or failed with tokguard."""
+EXIT_IMPORT_FAILED = 2
+"""check: the app raised while being imported (its traceback is printed)."""
+EXIT_NOT_FOUND = 3
+"""check: the module, or the attribute after the colon, does not exist."""
+EXIT_TIMEOUT = 4
+"""check: importing the app did not finish within --timeout seconds."""
+EXIT_USAGE = 64
+"""An unknown command or option, or a bad option value."""
+EXIT_INTERNAL = 70
+"""A bug in tokguard itself (the message says where)."""
+
+EXIT_STATUSES = {
+    EXIT_OK: "ok / safe",
+    EXIT_UNSAFE: "unsafe",
+    EXIT_IMPORT_FAILED: "the app failed to import",
+    EXIT_NOT_FOUND: "module or attribute not found",
+    EXIT_TIMEOUT: "the app's import timed out",
+    EXIT_USAGE: "usage error",
+    EXIT_INTERNAL: "internal error",
+}
+
+_EPILOG = "exit statuses: " + ", ".join(f"{code} {what}" for code, what in EXIT_STATUSES.items())
+
+
+class UsageError(Exception):
+    """Bad input from the command line; the message names the input and the valid choices."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error exits with EXIT_USAGE (argparse's 2 means "import failed")."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0 seconds")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="tokguard",
+        description=(
+            "Find and explain fork hazards of tokenizers, transformers and torch: "
+            "doctor (this environment), check (your app, as gunicorn --preload imports it), "
+            "demo (the measured hangs, without and with tokguard)."
+        ),
+        epilog=_EPILOG,
+    )
+    parser.add_argument("--version", action="store_true", help="print tokguard's version and exit")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    doctor = commands.add_parser(
+        "doctor",
+        help="versions, environment variables, thread pools, start method, advice",
+        description=(
+            "Inspect this environment: library versions, TOKENIZERS_PARALLELISM as Python "
+            "and as the C library see it, misspelled variables, the multiprocessing start "
+            "method, OpenMP/BLAS runtimes and thread counts, and advice."
+        ),
+        epilog=_EPILOG,
+    )
+    doctor.add_argument("--json", action="store_true", help="print one JSON object")
+    doctor.add_argument(
+        "--no-import",
+        action="store_true",
+        help="do not import torch and threadpoolctl (versions are still read from metadata)",
+    )
+
+    check = commands.add_parser(
+        "check",
+        help="import MODULE[:ATTR] like gunicorn --preload; exit 1 if a fork would be unsafe",
+        description=(
+            "Import the application in a fresh interpreter the way gunicorn --preload does "
+            "(current directory on sys.path, tokguard imported first), then report what "
+            "would be unsafe if a worker forked now. Meant as a CI gate: "
+            "`tokguard check myapp.main:app` exits 0 when safe and 1 when unsafe."
+        ),
+        epilog=_EPILOG,
+    )
+    check.add_argument("target", metavar="MODULE[:ATTR]", help="e.g. myapp.main:app")
+    check.add_argument(
+        "--timeout",
+        type=_positive,
+        default=120.0,
+        help="seconds the import may take (default: %(default)s)",
+    )
+    check.add_argument("--json", action="store_true", help="print one JSON object")
+
+    demo = commands.add_parser(
+        "demo",
+        help="reproduce the measured hangs without tokguard, then run them with it",
+        description=(
+            "Run each hang of FACTS.md in its own subprocess twice: without tokguard (a "
+            "watchdog kills the hung children) and with it. Needs no network: the tokenizer "
+            "and the tiny CrossEncoder are built locally."
+        ),
+        epilog=_EPILOG,
+    )
+    demo.add_argument(
+        "--rows",
+        default=None,
+        help="comma-separated rows to run (default: all that can run here); see --list",
+    )
+    demo.add_argument("--list", action="store_true", help="list the rows and exit")
+    demo.add_argument(
+        "--timeout",
+        type=_positive,
+        default=None,
+        help="watchdog seconds before a child counts as hung (default: 3, 5 for torch rows)",
+    )
+    demo.add_argument(
+        "--forks", type=_count, default=2, help="children per scenario (default: %(default)s)"
+    )
+    demo.add_argument(
+        "--jobs",
+        type=_count,
+        default=None,
+        help="scenarios run at once (default: 2 x cores, max 4)",
+    )
+    demo.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``tokguard`` script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        import tokguard
+
+        print(f"tokguard {tokguard.__version__}")
+        return EXIT_OK
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        sys.stderr.write("tokguard: error: a command is required: doctor, check or demo\n")
+        return EXIT_USAGE
+    try:
+        if args.command == "doctor":
+            from . import _doctor
+
+            return _doctor.main(json_output=args.json, import_libraries=not args.no_import)
+        if args.command == "check":
+            from . import _check
+
+            return _check.main(args.target, timeout=args.timeout, json_output=args.json)
+        from . import _demo
+
+        return _demo.main(
+            rows=args.rows,
+            list_rows=args.list,
+            timeout=args.timeout,
+            forks=args.forks,
+            jobs=args.jobs,
+            json_output=args.json,
+        )
+    except UsageError as exc:
+        parser.print_usage(sys.stderr)
+        sys.stderr.write(f"tokguard {args.command}: error: {exc}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        sys.stderr.write("tokguard: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        # `tokguard doctor | head`: the reader went away; nothing left to say.
+        return EXIT_OK
+
+
+def run() -> None:
+    """For ``python -m tokguard``: main() with its status as the process's exit status."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    run()

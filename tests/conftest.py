@@ -1,0 +1,179 @@
+"""Shared fixtures: fresh interpreters with a deadline, a prelude for fork scenarios, a tiny model.
+
+Everything that forks or changes process-wide state runs in a fresh interpreter started by
+``run_py``: the pytest process itself never forks with a pool running. Each interpreter gets
+its own session, and the whole group is SIGKILLed at the end, so a hung grandchild (a
+forked worker blocked forever on a dead pool) never outlives its test.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+# Found without importing tokguard: importing it would install the guard in this process.
+_spec = importlib.util.find_spec("tokguard")
+assert _spec is not None
+assert _spec.submodule_search_locations is not None
+TOKGUARD_DIR = str(Path(next(iter(_spec.submodule_search_locations))).resolve())
+
+# Variables a test's parent shell may hold that would change what the child does.
+_SCRUBBED = ("TOKENIZERS_PARALLELISM", "TOKGUARD_MODE", "RAYON_NUM_THREADS", "OMP_NUM_THREADS")
+_SCRUBBED_PREFIXES = ("PYTEST_", "COV_")
+
+
+class Result(NamedTuple):
+    """What a fresh interpreter did."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def __str__(self) -> str:
+        return f"rc={self.returncode}\n--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}"
+
+
+# Loads tokguard's standalone helpers: from the package when guarded, by file path when not,
+# so that an unguarded scenario never executes tokguard/__init__.py.
+PRELUDE = """\
+import importlib.util as _ilu, os, sys
+GUARD = {guard!r}
+TOKGUARD_DIR = {tokguard_dir!r}
+def _standalone(name):
+    spec = _ilu.spec_from_file_location("_tg_" + name, os.path.join(TOKGUARD_DIR, name + ".py"))
+    module = _ilu.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+if GUARD:
+    import tokguard
+    from tokguard import _lab, _watchdog
+else:
+    _lab, _watchdog = _standalone("_lab"), _standalone("_watchdog")
+def watch(child, forks=10, timeout=10.0):
+    result = _watchdog.fork_and_watch(child, forks, timeout)
+    print("RESULT", result.forks, result.ok, result.failed, result.hung, result.refused, flush=True)
+    for error in result.errors[:3]:
+        print("ERROR", error, flush=True)
+    return result
+"""
+
+
+def run_py(
+    code: str,
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = 120.0,
+    args: tuple[str, ...] = (),
+    guard: bool | None = None,
+    python: str = sys.executable,
+    cwd: str | None = None,
+    path: str | os.PathLike[str] | None = None,
+) -> Result:
+    """Run ``code`` in a fresh interpreter with HF_HUB_OFFLINE=1 and a deadline.
+
+    ``guard`` True/False prepends ``PRELUDE`` (tokguard imported, or not at all). ``env``
+    entries are added to a scrubbed copy of this environment; a value of None removes one.
+    ``path``: write the code to this file and run it as a script (so reports name its lines).
+    On timeout, and always at the end, the interpreter's whole process group is killed.
+    """
+    source = textwrap.dedent(code)
+    if guard is not None:
+        source = PRELUDE.format(guard=guard, tokguard_dir=TOKGUARD_DIR) + source
+    full_env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in _SCRUBBED and not k.startswith(_SCRUBBED_PREFIXES)
+    }
+    full_env["HF_HUB_OFFLINE"] = "1"
+    full_env["PYTHONDONTWRITEBYTECODE"] = "1"
+    full_env["PYTHONUNBUFFERED"] = "1"
+    for key, value in (env or {}).items():
+        if value is None:
+            full_env.pop(key, None)
+        else:
+            full_env[key] = value
+    if path is not None:
+        Path(path).write_text(source)
+        command = [python, *args, str(path)]
+    else:
+        command = [python, *args, "-c", source]
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=full_env,
+        cwd=cwd,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc.pid)
+        out, err = proc.communicate()
+        return Result(-9, out, err + f"\n[run_py: killed after {timeout} s]")
+    finally:
+        _kill_group(proc.pid)
+    return Result(proc.returncode, out, err)
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def watch_result(result: Result) -> tuple[int, int, int, int, int]:
+    """(forks, ok, failed, hung, refused) from the last RESULT line the prelude's watch printed."""
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, f"no RESULT line:\n{result}"
+    forks, ok, failed, hung, refused = (int(x) for x in lines[-1].split()[1:])
+    return forks, ok, failed, hung, refused
+
+
+def values(result: Result) -> dict[str, str]:
+    """``KEY=value`` lines a snippet printed, as a dict (later lines win)."""
+    found = {}
+    for line in result.stdout.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.isidentifier():
+            found[key] = value
+    return found
+
+
+@pytest.fixture(scope="session")
+def cross_encoder_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny BERT CrossEncoder saved locally, built in a fresh interpreter (needs torch)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("sentence_transformers")
+    path = str(tmp_path_factory.mktemp("cross-encoder"))
+    result = run_py(
+        f"from tokguard._lab import build_cross_encoder\nbuild_cross_encoder({path!r})\n",
+        timeout=300,
+    )
+    assert result.returncode == 0, str(result)
+    return path
+
+
+def line_of(source: str, marker: str) -> int:
+    """1-based line number of the only line of ``source`` (after dedent) holding ``marker``."""
+    lines = [i for i, line in enumerate(textwrap.dedent(source).splitlines(), 1) if marker in line]
+    assert len(lines) == 1, f"{marker!r} found on lines {lines}"
+    return lines[0]
+
+
+def prelude_lines(guard: bool) -> int:
+    """How many lines ``PRELUDE`` adds in front of a snippet."""
+    return len(PRELUDE.format(guard=guard, tokguard_dir=TOKGUARD_DIR).splitlines())

@@ -1,0 +1,248 @@
+"""``tokguard.single_threaded()``: warm up without starting a pool, then put everything back.
+
+Every test runs in a fresh interpreter: the block changes process-wide settings (the C
+environment, torch's thread count). The fork test is paired with the same warm-up done the
+usual way, whose children hang with the guard off (FACTS.md rows 7 and 10).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import run_py, values, watch_result
+
+PRELUDE = """
+import os, sys, threading
+import tokguard
+from tokguard import _env
+from tokguard._coldstart import single_threaded, active
+VAR = "TOKENIZERS_PARALLELISM"
+def both():
+    return "%s|%s" % (os.environ.get(VAR, "<absent>"), _env.c_getenv(VAR) or "<absent>")
+"""
+
+
+def _run(code: str, **kwargs: object) -> dict[str, str]:
+    result = run_py(PRELUDE + code, **kwargs)  # type: ignore[arg-type]
+    assert result.returncode == 0, str(result)
+    return values(result)
+
+
+def test_unset_variable_is_unset_again_in_both_environments() -> None:
+    """A variable absent before the block is absent afterwards, in os.environ and in C."""
+    found = _run(
+        """
+os.environ.pop(VAR, None)
+os.unsetenv(VAR)
+print("BEFORE=" + both())
+with single_threaded():
+    print("INSIDE=" + both())
+    print("ACTIVE=%s" % active())
+print("AFTER=" + both())
+print("ACTIVE_AFTER=%s" % active())
+"""
+    )
+    assert found["BEFORE"] == "<absent>|<absent>"
+    assert found["INSIDE"] == "false|false"
+    assert found["ACTIVE"] == "True"
+    assert found["AFTER"] == "<absent>|<absent>"
+    assert found["ACTIVE_AFTER"] == "False"
+
+
+def test_exact_value_is_restored() -> None:
+    """A user's value, even one tokenizers reads as true (' false'), comes back unchanged."""
+    found = _run(
+        """
+os.environ[VAR] = " false"
+with single_threaded():
+    print("INSIDE=" + both())
+print("AFTER=" + both())
+"""
+    )
+    assert found["INSIDE"] == "false|false"
+    assert found["AFTER"] == " false| false"
+
+
+def test_value_only_in_the_c_environment_is_restored_there() -> None:
+    """os.putenv values (invisible to os.environ) are restored in C, not copied to Python."""
+    found = _run(
+        """
+os.environ.pop(VAR, None)
+os.putenv(VAR, "true")
+print("BEFORE=" + both())
+with single_threaded():
+    print("INSIDE=" + both())
+print("AFTER=" + both())
+"""
+    )
+    assert found["BEFORE"] == "<absent>|true"
+    assert found["INSIDE"] == "false|false"
+    assert found["AFTER"] == "<absent>|true"
+
+
+def test_restored_after_an_exception() -> None:
+    """The settings come back when the warm-up raises."""
+    found = _run(
+        """
+os.environ[VAR] = "1"
+try:
+    with single_threaded():
+        raise RuntimeError("warm-up failed")
+except RuntimeError:
+    pass
+print("AFTER=" + both())
+"""
+    )
+    assert found["AFTER"] == "1|1"
+
+
+def test_nested_and_concurrent_blocks_restore_once_at_the_last_exit() -> None:
+    """Blocks nest and overlap across threads: the first entry saves, the last exit restores."""
+    found = _run(
+        """
+os.environ[VAR] = "true"
+inner_open, release = threading.Event(), threading.Event()
+def other():
+    with single_threaded():
+        inner_open.set()
+        release.wait(10)
+t = threading.Thread(target=other)
+with single_threaded():
+    with single_threaded():
+        t.start()
+        inner_open.wait(10)
+    print("NESTED_EXIT=" + both())
+print("MAIN_EXIT=" + both())
+release.set()
+t.join(10)
+print("ALL_EXIT=" + both())
+"""
+    )
+    assert found["NESTED_EXIT"] == "false|false"
+    assert found["MAIN_EXIT"] == "false|false"  # the other thread's block is still open
+    assert found["ALL_EXIT"] == "true|true"
+
+
+def test_decorator_form() -> None:
+    """@single_threaded() wraps a warm-up function the same way."""
+    found = _run(
+        """
+os.environ[VAR] = "true"
+@single_threaded()
+def warm_up():
+    return both()
+print("INSIDE=" + warm_up())
+print("AFTER=" + both())
+print("NAME=" + warm_up.__name__)
+"""
+    )
+    assert found == {"INSIDE": "false|false", "AFTER": "true|true", "NAME": "warm_up"}
+
+
+def test_fork_while_another_thread_holds_a_block() -> None:
+    """A child forked while another thread's block is open gets the user's settings back."""
+    result = run_py(
+        PRELUDE
+        + """
+os.environ[VAR] = "true"
+opened, release = threading.Event(), threading.Event()
+def other():
+    with single_threaded():
+        opened.set()
+        release.wait(10)
+t = threading.Thread(target=other)
+t.start()
+opened.wait(10)
+def child():
+    assert not active()
+    assert both() == "true|true", both()
+watch(child, forks=2, timeout=10.0)
+release.set()
+t.join(10)
+""",
+        guard=True,
+    )
+    assert watch_result(result) == (2, 2, 0, 0, 0), str(result)
+
+
+# --- torch -----------------------------------------------------------------------------------
+
+
+def test_torch_threads_limited_and_restored() -> None:
+    """torch runs at one thread inside the block, at the previous count after it."""
+    pytest.importorskip("torch")
+    found = _run(
+        """
+import torch
+torch.set_num_threads(2)
+with single_threaded():
+    print("INSIDE=%d" % torch.get_num_threads())
+print("AFTER=%d" % torch.get_num_threads())
+"""
+    )
+    assert found == {"INSIDE": "1", "AFTER": "2"}
+
+
+def test_torch_imported_inside_the_block_is_limited_too() -> None:
+    """A warm-up that imports torch itself still runs single-threaded, then gets torch's default."""
+    pytest.importorskip("torch")
+    found = _run(
+        """
+assert "torch" not in sys.modules
+with single_threaded():
+    import torch
+    print("INSIDE=%d" % torch.get_num_threads())
+print("AFTER=%d" % torch.get_num_threads())
+print("DEFAULT=%d" % min(2, os.cpu_count() or 1))
+"""
+    )
+    assert found["INSIDE"] == "1"
+    assert found["AFTER"] == str(max(int(found["DEFAULT"]), 1))
+
+
+ROW10 = """
+import warnings, torch
+torch.set_num_threads(2)
+os.environ["TOKENIZERS_PARALLELISM"] = "true"
+PAIRS = [("a query", "a document"), ("the parent forks", "the child predicts")] * 4
+reports = []
+tokguard.subscribe(reports.append)
+model = _lab.load_cross_encoder({path!r})
+{warm_up}
+print("HAZARDS=" + ",".join(h.pool for h in tokguard.hazards()))
+def child():
+    assert torch.get_num_threads() == 2, torch.get_num_threads()
+    model.predict(PAIRS, show_progress_bar=False)
+watch(child, forks=2, timeout={deadline!r})
+print("REPORTS=%d" % len(reports))
+"""
+
+COLD = """
+from tokguard._coldstart import single_threaded
+with single_threaded():
+    model.predict(PAIRS, show_progress_bar=False)
+"""
+HOT = """
+tokguard.configure(mode="off")  # the usual warm-up, and no guard: what teams run today
+model.predict(PAIRS, show_progress_bar=False)
+"""
+
+
+@pytest.mark.slow
+def test_cold_warm_up_keeps_children_parallel_and_unreported(cross_encoder_path: str) -> None:
+    """Warm-up under the block: no pool in the parent, no report, children predict at 2 threads."""
+    code = ROW10.format(path=cross_encoder_path, warm_up=COLD, deadline=20.0)
+    result = run_py(code, guard=True, env={"TQDM_DISABLE": "1"})
+    assert watch_result(result) == (2, 2, 0, 0, 0), str(result)
+    found = values(result)
+    assert found["HAZARDS"] == ""
+    assert found["REPORTS"] == "0"
+
+
+@pytest.mark.slow
+def test_usual_warm_up_hangs_children_at_two_threads(cross_encoder_path: str) -> None:
+    """The contrast: the same warm-up outside the block starts the pool; children hang."""
+    code = ROW10.format(path=cross_encoder_path, warm_up=HOT, deadline=8.0)
+    result = run_py(code, guard=True, env={"TQDM_DISABLE": "1"})
+    assert watch_result(result) == (2, 0, 0, 2, 0), str(result)
+    assert "torch-openmp" in values(result)["HAZARDS"]

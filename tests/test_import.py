@@ -1,0 +1,163 @@
+"""``import tokguard`` is cheap and safe: nothing heavy imported, instrumentation on demand."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import TOKGUARD_DIR, run_py, values
+
+FORBIDDEN = (
+    "wrapt",
+    "tokenizers",
+    "transformers",
+    "torch",
+    "typing",
+    "logging",
+    "dataclasses",
+    "ctypes",
+    "importlib.metadata",
+    "inspect",
+    "asyncio",
+    "threading",
+)
+
+LIGHT = {
+    "__future__",
+    "_ctypes",
+    "warnings",
+    "_warnings",
+    "os",
+    "os.path",
+    "posixpath",
+    "genericpath",
+    "stat",
+    "_stat",
+    "_collections_abc",
+}
+
+NEW_MODULES = """
+import json, sys
+before = set(sys.modules)
+import tokguard
+print(json.dumps(sorted(set(sys.modules) - before)))
+"""
+
+
+def _new_modules(*args: str, prefix: str = "") -> list[str]:
+    result = run_py(prefix + NEW_MODULES, args=args)
+    assert result.returncode == 0, str(result)
+    return list(json.loads(result.stdout.splitlines()[-1]))
+
+
+def test_import_loads_nothing_heavy() -> None:
+    """import tokguard loads no heavy module that was not already loaded before it."""
+    new = _new_modules()
+    assert not [m for m in new if m.split(".")[0] in FORBIDDEN or m in FORBIDDEN], new
+
+
+def test_import_loads_nothing_heavy_without_site() -> None:
+    """Same without site-packages .pth files (-S), so no other package's hook hides a cost."""
+    prefix = f"import sys\nsys.path.insert(0, {str(TOKGUARD_DIR.rsplit('/', 1)[0])!r})\n"
+    new = _new_modules("-S", "-E", prefix=prefix)
+    assert "tokguard" in new
+    heavy = [m for m in new if m.split(".")[0] in FORBIDDEN or m in FORBIDDEN]
+    assert not heavy, new
+    # Only tokguard's own modules, a few tiny stdlib ones, and os (which site loads normally).
+    others = sorted(m for m in new if not m.startswith("tokguard"))
+    assert set(others) <= LIGHT, others
+
+
+def test_import_side_effects() -> None:
+    """Import sets the env default, wraps os.fork once, and instruments on later import."""
+    code = """
+    import os, sys
+    import tokguard
+    print("FORK=%s" % hasattr(os.fork, "__tokguard_original__"))
+    print("FORKPTY=%s" % hasattr(os.forkpty, "__tokguard_original__"))
+    print("TOKENIZERS_LOADED=%s" % ("tokenizers" in sys.modules))
+    import tokenizers
+    print("WRAPPED=%s" % tokenizers.Tokenizer.encode_batch.__tokguard_wrapped__)
+    print("ORIGINAL=%s" % callable(tokenizers.Tokenizer.encode_batch.__wrapped__))
+    print("LOADER=%s" % type(tokenizers.__spec__.loader).__name__)
+    """
+    result = run_py(code)
+    assert result.returncode == 0, str(result)
+    got = values(result)
+    assert got["FORK"] == "True"
+    assert got["FORKPTY"] == "True"
+    assert got["TOKENIZERS_LOADED"] == "False"
+    assert got["WRAPPED"] == "True"
+    assert got["ORIGINAL"] == "True"
+    assert got["LOADER"] == "SourceFileLoader"  # tokguard's loader does not stay behind
+
+
+def test_late_import_instruments_at_once() -> None:
+    """tokenizers imported before tokguard is instrumented the moment tokguard is imported."""
+    code = """
+    import tokenizers
+    print("BEFORE=%s" % hasattr(tokenizers.Tokenizer.encode_batch, "__tokguard_wrapped__"))
+    import tokguard
+    print("AFTER=%s" % tokenizers.Tokenizer.encode_batch.__tokguard_wrapped__)
+    import importlib
+    importlib.reload(tokguard)
+    print("ONCE=%s" % hasattr(tokenizers.Tokenizer.encode_batch.__wrapped__, "__tokguard_wrapped__"))
+    """
+    result = run_py(code)
+    assert result.returncode == 0, str(result)
+    assert values(result) == {"BEFORE": "False", "AFTER": "True", "ONCE": "False"}
+
+
+def test_torch_instrumented_when_imported() -> None:
+    """torch imported after tokguard gets its nn.Module call wrapper."""
+    pytest.importorskip("torch")
+    code = """
+    import tokguard
+    import torch
+    from tokguard import _instrument
+    print("WRAPPED=%s" % (torch.nn.Module._call_impl is not _instrument._original_call_impl))
+    """
+    result = run_py(code, timeout=180)
+    assert result.returncode == 0, str(result)
+    assert values(result)["WRAPPED"] == "True"
+
+
+def test_import_failure_of_a_hooked_module_propagates() -> None:
+    """An import error inside a hooked module reaches the user unchanged; hooks stay pending."""
+    code = """
+    import sys
+    import tokguard
+    from tokguard import _instrument
+    sys.modules["tokenizers"] = None  # makes `import tokenizers` fail
+    try:
+        import tokenizers
+    except ImportError as exc:
+        print("ERROR=ImportError")
+    print("PENDING=%s" % ("tokenizers" in _instrument._hooks))
+    """
+    result = run_py(code)
+    assert result.returncode == 0, str(result)
+    assert values(result) == {"ERROR": "ImportError", "PENDING": "True"}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc census is Linux only")
+def test_import_works_in_every_start_method(tmp_path: Path) -> None:
+    """A spawned child that imports tokguard works and reports nothing."""
+    code = """
+    import multiprocessing
+    import tokguard
+
+    def mode(_):
+        import tokguard
+        return tokguard.current_mode()
+
+    if __name__ == "__main__":
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            print("MODES=%s" % pool.map(mode, [0]))
+    """
+    result = run_py(code, path=tmp_path / "main.py", timeout=120, env={"TOKGUARD_MODE": "raise"})
+    assert result.returncode == 0, str(result)
+    assert values(result)["MODES"] == "['raise']"

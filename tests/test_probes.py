@@ -1,0 +1,289 @@
+"""The probes: what counts as an active pool, on what evidence, and no false alarms."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import run_py, values, watch_result
+
+FORKS = 10
+
+
+def test_batch_records_first_use_only_when_parallel() -> None:
+    """encode_batch records a first use while parallelism is on, and not while it is off."""
+    code = """
+    import os
+    from tokguard import _probes
+    tok = _lab.train_tokenizer()
+    tok.encode_batch(["a b", "c d"])  # parallelism false (tokguard's default)
+    print("OFF=%s" % _probes.rayon_first_use)
+    os.environ["TOKENIZERS_PARALLELISM"] = "1"
+    tok.encode("a b")  # no padding: a single encode starts no pool
+    print("PLAIN=%s" % _probes.rayon_first_use)
+    tok.encode_batch(["a b", "c d"])
+    print("ON=%s" % _probes.rayon_first_use)
+    """
+    result = run_py(code, guard=True)
+    assert result.returncode == 0, str(result)
+    got = values(result)
+    assert got["OFF"] == "None"
+    assert got["PLAIN"] == "None"
+    assert got["ON"].startswith("<string>:")
+    assert got["ON"].endswith(" in <module>")
+
+
+def test_padded_single_encode_records_first_use() -> None:
+    """A single encode with padding enabled starts the pool, so it is recorded."""
+    code = """
+    from tokguard import _probes
+    tok = _lab.train_tokenizer()
+    tok.enable_padding()
+    tok.encode("a b")
+    print("FIRST=%s" % _probes.rayon_first_use)
+    print("HAZARDS=%s" % [h.pool for h in tokguard.hazards()])
+    """
+    result = run_py(code, guard=True, env={"TOKENIZERS_PARALLELISM": "true"})
+    assert result.returncode == 0, str(result)
+    assert values(result)["FIRST"].startswith("<string>:")
+    assert values(result)["HAZARDS"] == "['tokenizers-rayon']"
+
+
+def test_rayon_hazard_follows_the_c_environment() -> None:
+    """The rayon hazard reads TOKENIZERS_PARALLELISM from the C env, as tokenizers does."""
+    code = """
+    import os
+    tok = _lab.train_tokenizer()
+    tok.encode_batch(["a b", "c d"])
+    print("TRUE=%s" % [h.pool for h in tokguard.hazards()])
+    os.putenv("TOKENIZERS_PARALLELISM", "false")  # os.environ still says true
+    print("PUTENV_FALSE=%s" % [h.pool for h in tokguard.hazards()])
+    os.putenv("TOKENIZERS_PARALLELISM", " false")  # not trimmed: true for tokenizers
+    print("SPACE=%s" % [h.pool for h in tokguard.hazards()])
+    """
+    result = run_py(code, guard=True, env={"TOKENIZERS_PARALLELISM": "true"})
+    assert result.returncode == 0, str(result)
+    got = values(result)
+    assert got["TRUE"] == "['tokenizers-rayon']"
+    assert got["PUTENV_FALSE"] == "[]"
+    assert got["SPACE"] == "['tokenizers-rayon']"
+
+
+def test_tokio_hazard_after_async_call() -> None:
+    """Any async_* call is recorded, whatever TOKENIZERS_PARALLELISM says."""
+    code = """
+    import asyncio
+    tok = _lab.train_tokenizer()
+    print("BEFORE=%s" % [h.pool for h in tokguard.hazards()])
+    async def go():
+        return await tok.async_encode("the parent forks")
+    asyncio.run(go())
+    found = tokguard.hazards()
+    print("AFTER=%s" % [h.pool for h in found])
+    print("FIRST=%s" % found[0].first_use)
+    """
+    result = run_py(code, guard=True, env={"TOKENIZERS_PARALLELISM": "false"})
+    assert result.returncode == 0, str(result)
+    got = values(result)
+    assert got["BEFORE"] == "[]"
+    assert got["AFTER"] == "['tokenizers-tokio']"
+    assert got["FIRST"].startswith("<string>:")
+    assert got["FIRST"].endswith("in go")
+
+
+def test_imported_tokenizers_without_a_batch_is_safe() -> None:
+    """tokenizers imported and a tokenizer built, no batch run: no report, child untouched."""
+    code = f"""
+    import os
+    import tokenizers
+    tok = _lab.train_tokenizer()
+    tok.encode("a single text")
+    reports = []
+    tokguard.subscribe(reports.append)
+    def child():
+        assert os.environ["TOKENIZERS_PARALLELISM"] == "true", os.environ["TOKENIZERS_PARALLELISM"]
+        from tokguard import _fork
+        assert _fork.repaired == (), _fork.repaired
+    watch(child, {FORKS}, 10)
+    print("REPORTS=%d" % len(reports))
+    """
+    result = run_py(code, guard=True, env={"TOKENIZERS_PARALLELISM": "true"}, args=("-W", "error"))
+    assert result.returncode == 0, str(result)
+    assert watch_result(result) == (FORKS, FORKS, 0, 0, 0), str(result)
+    assert values(result)["REPORTS"] == "0"
+    assert result.stderr == "", str(result)
+
+
+def test_subprocess_run_spawn_and_forkserver_give_no_report(tmp_path) -> None:
+    """subprocess.run, spawn and forkserver start no forked copy of the parent: no report."""
+    code = """
+    import multiprocessing, os, subprocess, sys
+    import tokguard
+    from tokguard import _lab
+
+    def square(x):
+        return x * x
+
+    if __name__ == "__main__":
+        tok = _lab.train_tokenizer()
+        tok.encode_batch(_lab.corpus(64))  # the rayon pool runs: a fork would be unsafe
+        assert [h.pool for h in tokguard.hazards()] == ["tokenizers-rayon"]
+        reports = []
+        tokguard.subscribe(reports.append)
+        subprocess.run([sys.executable, "-c", "pass"], check=True, timeout=60)
+        for method in ("spawn", "forkserver"):
+            with multiprocessing.get_context(method).Pool(1) as pool:
+                assert pool.map(square, [1, 2, 3], chunksize=1) == [1, 4, 9]
+        print("REPORTS=%d" % len(reports))
+    """
+    result = run_py(
+        code, path=tmp_path / "main.py", env={"TOKENIZERS_PARALLELISM": "true"}, timeout=120
+    )
+    assert result.returncode == 0, str(result)
+    assert values(result)["REPORTS"] == "0"
+    assert "UnsafeForkWarning" not in result.stderr, str(result)
+
+
+# --- torch ------------------------------------------------------------------------------------
+
+
+def test_thread_count_alone_is_not_a_hazard() -> None:
+    """import torch and sentence_transformers adds native threads, yet hazards() is empty."""
+    pytest.importorskip("torch")
+    pytest.importorskip("sentence_transformers")
+    code = """
+    import torch, sentence_transformers
+    from tokguard import _threads
+    torch.set_num_threads(2)
+    census = _threads.census()
+    print("NATIVE=%d" % census.native_threads)
+    print("HAZARDS=%s" % tokguard.hazards())
+    """
+    result = run_py(code, guard=True, timeout=180)
+    assert result.returncode == 0, str(result)
+    assert int(values(result)["NATIVE"]) >= 1, str(result)
+    assert values(result)["HAZARDS"] == "[]"
+
+
+def test_torch_op_is_found_by_the_census() -> None:
+    """A parallel torch op leaves GNU OpenMP workers alive: the census names them."""
+    pytest.importorskip("torch")
+    code = """
+    import torch
+    torch.set_num_threads(2)
+    a = torch.ones(256, 256)
+    (a @ a).sum()
+    found = tokguard.hazards()
+    print("POOLS=%s" % [h.pool for h in found])
+    print("EVIDENCE=%s" % found[0].evidence)
+    """
+    result = run_py(code, guard=True, timeout=180)
+    assert result.returncode == 0, str(result)
+    assert values(result)["POOLS"] == "['torch-openmp']"
+    assert "GNU OpenMP worker thread(s) of torch are alive" in values(result)["EVIDENCE"]
+
+
+def test_torch_single_thread_op_is_safe() -> None:
+    """FACTS row 6: ops run at one thread start no pool, so there is nothing to report."""
+    pytest.importorskip("torch")
+    code = """
+    import torch
+    torch.set_num_threads(1)
+    a = torch.ones(256, 256)
+    (a @ a).sum()
+    torch.set_num_threads(2)
+    print("HAZARDS=%s" % tokguard.hazards())
+    """
+    result = run_py(code, guard=True, timeout=180)
+    assert result.returncode == 0, str(result)
+    assert values(result)["HAZARDS"] == "[]"
+
+
+def test_model_call_records_torch_first_use(cross_encoder_path: str) -> None:
+    """A CrossEncoder.predict at two threads is named as the torch pool's first use."""
+    code = f"""
+    import torch
+    torch.set_num_threads(2)
+    model = _lab.load_cross_encoder({cross_encoder_path!r})
+    model.predict([("a", "b")], show_progress_bar=False)  # PREDICT
+    found = {{h.pool: h for h in tokguard.hazards()}}
+    print("POOLS=%s" % sorted(found))
+    print("FIRST=%s" % found["torch-openmp"].first_use)
+    """
+    result = run_py(code, guard=True, timeout=240)
+    assert result.returncode == 0, str(result)
+    assert "torch-openmp" in values(result)["POOLS"]
+    assert values(result)["FIRST"].startswith("<string>:"), str(result)
+
+
+def test_row10_cold_warmup_no_report_and_child_keeps_settings(cross_encoder_path: str) -> None:
+    """FACTS row 10: warm with pools off, restore, fork: no report, child keeps 2 threads."""
+    code = f"""
+    import os
+    import torch, sentence_transformers
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    torch.set_num_threads(1)
+    model = _lab.load_cross_encoder({cross_encoder_path!r})
+    pairs = [("the parent forks", "the child works"), ("a tiny bert", "predicts")]
+    model.predict(pairs, show_progress_bar=False)
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    torch.set_num_threads(2)
+    reports = []
+    tokguard.subscribe(reports.append)
+    print("HAZARDS=%s" % tokguard.hazards())
+    def child():
+        from tokguard import _fork
+        assert torch.get_num_threads() == 2, torch.get_num_threads()
+        assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
+        assert _fork.repaired == ()
+        model.predict(pairs, show_progress_bar=False)
+        a = torch.ones(256, 256)
+        (a @ a).sum()
+    watch(child, 3, 30)
+    print("REPORTS=%d" % len(reports))
+    """
+    result = run_py(code, guard=True, timeout=240)
+    assert result.returncode == 0, str(result)
+    assert values(result)["HAZARDS"] == "[]"
+    assert watch_result(result) == (3, 3, 0, 0, 0), str(result)
+    assert values(result)["REPORTS"] == "0"
+    assert "UnsafeForkWarning" not in result.stderr
+
+
+def test_cuda_probe_quiet_without_cuda() -> None:
+    """On a machine where torch never initialised CUDA, the CUDA probe reports nothing."""
+    pytest.importorskip("torch")
+    code = """
+    import torch
+    from tokguard import _probes
+    print("CUDA=%s" % _probes._cuda(None))
+    """
+    result = run_py(code, guard=True, timeout=180)
+    assert result.returncode == 0, str(result)
+    assert values(result)["CUDA"] == "None"
+
+
+# --- a probe that fails -----------------------------------------------------------------------
+
+
+def test_failing_probe_reported_once_and_fork_goes_on() -> None:
+    """A probe that raises is reported once on stderr; the other probes and the fork go on."""
+    code = f"""
+    import os
+    from tokguard import _probes
+    def broken(census):
+        raise KeyError("probe bug")
+    _probes.PROBES = (broken, *_probes.PROBES)
+    tok = _lab.train_tokenizer()
+    tok.encode_batch(_lab.corpus(64))
+    print("POOLS=%s" % [h.pool for h in tokguard.hazards()])
+    watch(lambda: tok.encode_batch(_lab.corpus(8)), {FORKS}, 10)
+    watch(lambda: None, 2, 10)
+    """
+    result = run_py(code, guard=True, env={"TOKENIZERS_PARALLELISM": "true"})
+    assert result.returncode == 0, str(result)
+    assert values(result)["POOLS"] == "['tokenizers-rayon']"
+    assert watch_result(result) == (2, 2, 0, 0, 0), str(result)
+    assert "RESULT 10 10 0 0 0" in result.stdout
+    message = "tokguard: internal error in probe broken, ignored: KeyError('probe bug')"
+    assert result.stderr.count(message) == 1, str(result)
+    assert result.stderr.count("UnsafeForkWarning") == 1, str(result)

@@ -1,0 +1,194 @@
+"""Real servers and worker pools forking after a CrossEncoder ran in the parent (FACTS.md row 8).
+
+Each scenario runs twice in this module: without tokguard it must hang (requests time out,
+gunicorn logs WORKER TIMEOUT, pool tasks go unanswered), and with ``import tokguard`` as the
+app's first line every request is answered. Servers listen on 127.0.0.1 on a free port and
+are stopped in ``finally``; every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.torch]
+
+APPS = Path(__file__).parent / "apps"
+WARNING = "tokguard saw an unsafe fork"
+BOOT_DEADLINE = 180.0  # torch + transformers imports on a loaded 2-core machine
+WORKER_TIMEOUT = 5  # gunicorn --timeout: a hung worker is killed after this
+
+
+@pytest.fixture
+def cross_encoder(cross_encoder_path: str) -> str:
+    """The session's tiny CrossEncoder (conftest builds it once, in a fresh interpreter)."""
+    return cross_encoder_path
+
+
+def _env(model: str | None) -> dict[str, str]:
+    env = dict(os.environ)
+    for name in ("TOKGUARD_MODE", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS"):
+        env.pop(name, None)
+    env.update(HF_HUB_OFFLINE="1", TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
+    if model is not None:
+        env["TOKGUARD_TEST_MODEL"] = model
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get(url: str, timeout: float) -> bool:
+    """True when the server answered 200 within ``timeout``."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            json.loads(response.read())
+            return bool(response.status == 200)
+    except (OSError, urllib.error.URLError, ValueError):
+        return False
+
+
+def _gunicorn_extra_args() -> list[str]:
+    out = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "--help"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    # gunicorn >= 24 opens a control socket at a fixed path; two test servers would share it.
+    return ["--no-control-socket"] if "--no-control-socket" in out else []
+
+
+@contextlib.contextmanager
+def gunicorn(app: str, model: str, log: Path, worker_class: str | None) -> Iterator[str]:
+    """Run ``gunicorn --preload -w 2`` on a free port; yield its base URL; always stop it."""
+    pytest.importorskip("gunicorn")
+    if worker_class:
+        pytest.importorskip(worker_class.rsplit(".", 1)[0])
+    port = _free_port()
+    argv = [
+        sys.executable, "-m", "gunicorn", "--preload", "-w", "2",
+        "-b", f"127.0.0.1:{port}", "--timeout", str(WORKER_TIMEOUT),
+        "--graceful-timeout", "2", "--chdir", str(APPS), *_gunicorn_extra_args(),
+    ]  # fmt: skip
+    if worker_class:
+        argv += ["-k", worker_class]
+    argv.append(app)
+    with open(log, "wb") as log_file:
+        master = subprocess.Popen(
+            argv,
+            cwd=APPS,
+            env=_env(model),
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: workers go down with it
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + BOOT_DEADLINE
+        while not _get(base + "/health", timeout=2):
+            if master.poll() is not None:
+                pytest.fail(f"gunicorn exited with {master.returncode}:\n{log.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"gunicorn not up in {BOOT_DEADLINE:g} s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield base
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            master.send_signal(signal.SIGTERM)
+        try:
+            master.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pass
+        # Hung workers ignore SIGTERM's Python handler; the group kill takes them too.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(master.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            master.wait(timeout=15)
+
+
+SERVERS = [
+    pytest.param("server_wsgi", None, id="wsgi-sync"),
+    pytest.param("server_asgi", "uvicorn_worker.UvicornWorker", id="asgi-uvicorn-worker"),
+]
+
+
+@pytest.mark.parametrize(("module", "worker_class"), SERVERS)
+def test_preloaded_gunicorn_hangs_without_tokguard(
+    module: str, worker_class: str | None, cross_encoder: str, tmp_path: Path
+) -> None:
+    """Without tokguard, every model request to a preloaded gunicorn times out (row 8)."""
+    log = tmp_path / "gunicorn.log"
+    with gunicorn(f"{module}:app", cross_encoder, log, worker_class) as base:
+        answered = sum(_get(f"{base}/query{i}", timeout=WORKER_TIMEOUT + 2) for i in range(3))
+        deadline = time.monotonic() + 3 * WORKER_TIMEOUT
+        while "WORKER TIMEOUT" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.5)
+    text = log.read_text()
+    assert answered == 0, text[-3000:]
+    assert "WORKER TIMEOUT" in text, text[-3000:]
+    assert WARNING not in text
+
+
+@pytest.mark.parametrize(("module", "worker_class"), SERVERS)
+def test_preloaded_gunicorn_answers_with_tokguard(
+    module: str, worker_class: str | None, cross_encoder: str, tmp_path: Path
+) -> None:
+    """With `import tokguard` first, 200 requests from 8 threads are answered; one warning."""
+    log = tmp_path / "gunicorn.log"
+    server = gunicorn(f"{module}_guarded:app", cross_encoder, log, worker_class)
+    with server as base, ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda i: _get(f"{base}/q{i}", timeout=30), range(200)))
+    text = log.read_text()
+    assert sum(answers) == 200, text[-3000:]
+    assert "WORKER TIMEOUT" not in text
+    assert text.count(WARNING) == 1, text[-3000:]
+    assert "torch intra-op pool" in text
+
+
+def _pool_run(kind: str, model: str, guard: bool) -> dict[str, object]:
+    argv = [sys.executable, str(APPS / "server_pool.py"), kind, "--tasks", "4", "--timeout", "8"]
+    if guard:
+        argv.append("--guard")
+    proc = subprocess.run(
+        argv, check=False, cwd=APPS, env=_env(model), capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result: dict[str, object] = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["stderr"] = proc.stderr
+    return result
+
+
+@pytest.mark.parametrize("kind", ["pool", "dataloader"])
+def test_workers_hang_without_tokguard(kind: str, cross_encoder: str) -> None:
+    """Without tokguard, fork-context Pool / DataLoader workers hang after the model ran."""
+    result = _pool_run(kind, cross_encoder, guard=False)
+    assert result["tokguard_imported"] is False
+    assert result["ok"] == 0, result
+    assert result["hung"] == 4, result
+
+
+@pytest.mark.parametrize("kind", ["pool", "dataloader"])
+def test_workers_answer_with_tokguard(kind: str, cross_encoder: str) -> None:
+    """With tokguard imported first, every Pool task / DataLoader batch is answered."""
+    result = _pool_run(kind, cross_encoder, guard=True)
+    assert result["ok"] == 4, result
+    assert str(result["stderr"]).count(WARNING) == 1, result["stderr"]
