@@ -15,7 +15,8 @@ PRELUDE = """
 import os, sys, threading
 import tokguard
 from tokguard import _env
-from tokguard._coldstart import single_threaded, active
+from tokguard import single_threaded
+from tokguard._coldstart import active
 VAR = "TOKENIZERS_PARALLELISM"
 def both():
     return "%s|%s" % (os.environ.get(VAR, "<absent>"), _env.c_getenv(VAR) or "<absent>")
@@ -218,8 +219,7 @@ print("REPORTS=%d" % len(reports))
 """
 
 COLD = """
-from tokguard._coldstart import single_threaded
-with single_threaded():
+with tokguard.single_threaded():
     model.predict(PAIRS, show_progress_bar=False)
 """
 HOT = """

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from conftest import run_py, values, watch_result
-from tokguard.lazy import lazy_model
+from tokguard import lazy_model
 
 HERE = Path(__file__).parent
 FORK_DEADLINE = 10.0  # a child still alive after this is hung (2 busy cores, torch children)
@@ -430,7 +430,7 @@ def test_fastapi_depends_builds_once() -> None:
 
 FORK_PRELUDE = """
 import threading, time
-from tokguard.lazy import lazy_model
+from tokguard import lazy_model
 builds = []
 """
 
@@ -518,7 +518,7 @@ def model():
 """
 
 LAZY_SINGLETON = """
-from tokguard.lazy import lazy_model
+from tokguard import lazy_model
 model = lazy_model(slow_factory)
 """
 
@@ -542,7 +542,7 @@ def test_pid_check_catches_a_fork_without_python_hooks() -> None:
     result = run_py(
         """
 import ctypes, os
-from tokguard.lazy import lazy_model
+from tokguard import lazy_model
 @lazy_model
 def model():
     return os.getpid()
@@ -574,7 +574,7 @@ else:
 # --- reports ---------------------------------------------------------------------------------
 
 REPORT_SCENARIO = """
-from tokguard.lazy import lazy_model
+from tokguard import lazy_model
 os.environ["TOKENIZERS_PARALLELISM"] = "true"
 tok = _lab.train_tokenizer()
 tok.encode_batch(_lab.corpus(64))  # starts the rayon pool: an unsafe fork follows
@@ -631,6 +631,27 @@ print("LOADED=" + ",".join(sorted(m for m in ("tokguard.lazy", "tokguard._coldst
     assert values(result)["LOADED"] == "", str(result)
 
 
+def test_public_names_load_on_first_access() -> None:
+    """tokguard.lazy_model / single_threaded / LazyModel exist, loaded only when accessed."""
+    result = run_py(
+        """
+import sys
+import tokguard
+assert "tokguard.lazy" not in sys.modules and "tokguard._coldstart" not in sys.modules
+decorator = tokguard.lazy_model
+assert "tokguard.lazy" in sys.modules and "tokguard._coldstart" not in sys.modules
+context = tokguard.single_threaded
+from tokguard import LazyModel
+from tokguard._coldstart import single_threaded
+from tokguard.lazy import LazyModel as Protocol, lazy_model
+assert decorator is lazy_model and LazyModel is Protocol and context is single_threaded
+assert {"LazyModel", "lazy_model", "single_threaded"} <= set(tokguard.__all__)
+print("OK=1")
+"""
+    )
+    assert values(result).get("OK") == "1", str(result)
+
+
 def _mypy(*paths: str) -> subprocess.CompletedProcess[str]:
     mypy = shutil.which("mypy") or str(Path(sys.executable).with_name("mypy"))
     if not Path(mypy).exists():
@@ -662,7 +683,7 @@ def test_typing_catches_a_wrong_type(tmp_path: Path) -> None:
     """The contrast: a wrong use of the returned instance or arguments is a mypy error."""
     bad = tmp_path / "typing_bad.py"
     bad.write_text(
-        "from tokguard.lazy import lazy_model\n\n\n"
+        "from tokguard import lazy_model\n\n\n"
         "@lazy_model\n"
         "def model(name: str) -> str:\n"
         "    return name\n\n\n"
@@ -682,7 +703,7 @@ def test_typing_catches_a_wrong_type(tmp_path: Path) -> None:
 
 CROSS_ENCODER = """
 import torch
-from tokguard.lazy import lazy_model
+from tokguard import lazy_model
 torch.set_num_threads(2)
 PAIRS = [("a query", "a document"), ("the parent forks", "the child predicts")] * 4
 reports = []

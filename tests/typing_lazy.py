@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
-from tokguard.lazy import LazyModel, lazy_model
+from tokguard import LazyModel, lazy_model
 
 
 class Reranker:

@@ -23,16 +23,30 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
+    from ._coldstart import single_threaded
+    from .lazy import LazyModel, lazy_model
+
+# Public names whose modules load on first access: lazy_model needs threading and weakref,
+# and a process that never uses them should not pay for them at ``import tokguard``.
+_LAZY_NAMES = {
+    "LazyModel": "tokguard.lazy",
+    "lazy_model": "tokguard.lazy",
+    "single_threaded": "tokguard._coldstart",
+}
+
 __all__ = [
     "ForkReport",
     "Hazard",
+    "LazyModel",
     "UnsafeForkError",
     "UnsafeForkWarning",
     "__version__",
     "configure",
     "current_mode",
     "hazards",
+    "lazy_model",
     "reset",
+    "single_threaded",
     "subscribe",
 ]
 
@@ -48,6 +62,12 @@ def reset() -> None:
 
 def __getattr__(name: str) -> Any:
     # Resolved on first use: importlib.metadata alone costs more than all of tokguard.
+    if name in _LAZY_NAMES:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY_NAMES[name]), name)
+        globals()[name] = value
+        return value
     if name == "__version__":
         from importlib.metadata import version
 

@@ -65,7 +65,7 @@ class configure:
     def __init__(self, mode: str | None = None) -> None:
         self.previous = current_mode()
         if mode is not None:
-            _set(validate_mode(mode, "tokguard.configure(mode=...)"))
+            set_mode(validate_mode(mode, "tokguard.configure(mode=...)"))
 
     def __enter__(self) -> configure:
         return self
@@ -76,7 +76,7 @@ class configure:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        _set(self.previous)
+        set_mode(self.previous)
 
     def __repr__(self) -> str:
         return f"tokguard.configure(mode={current_mode()!r})"
@@ -87,11 +87,12 @@ def current_mode() -> str:
     return mode
 
 
-def _set(value: str) -> None:
+def set_mode(value: str) -> None:
+    """Set an already validated mode (configure() and the pytest plugin validate first)."""
     global mode
     mode = value
 
 
 def load_from_env() -> None:
     """Read TOKGUARD_MODE into the mode (import time, and ``tokguard.reset()``)."""
-    _set(mode_from_env())
+    set_mode(mode_from_env())

@@ -163,6 +163,11 @@ def publish(report: ForkReport) -> None:
     warnings.warn_explicit(UnsafeForkWarning(report.message), UnsafeForkWarning, filename, lineno)
 
 
+def mark_warned(report: ForkReport) -> None:
+    """Count this report's site and pools as warned about (the pytest plugin says it itself)."""
+    _warned.add((report.fork_site, report.pools))
+
+
 def _split_site(site: str | None) -> tuple[str, int]:
     if site:
         # rsplit: a directory name may hold " in ", a function name cannot.

@@ -8,7 +8,10 @@ futex system call issued from inside libgomp itself, so ``/proc/self/task/TID/sy
 shows an instruction pointer inside libgomp's code; an OpenBLAS or rayon thread waits
 inside libc instead. That pointer is the evidence used here.
 
-Linux only; elsewhere ``census()`` returns None and the probes fall back on what the
+libgomp issues that system call itself only on the architectures where it has an inline
+futex (x86, POWER, s390, SPARC); on others (aarch64) it goes through libc and the pointer
+says nothing. There, and where /proc or the syscall file cannot be read (a hardened
+kernel), ``census()`` returns None and the probes fall back on what the
 instrumentation recorded. Each thread is classified once and cached by thread id, so a
 fork costs a directory listing plus one small read per new thread.
 """
@@ -21,6 +24,10 @@ import sys
 import time
 
 _TASKS = "/proc/self/task"
+# libgomp/config/linux/*/futex.h: the architectures where libgomp makes the futex call inline.
+_INLINE_FUTEX_MACHINES = ("x86_64", "i386", "i686", "ppc64", "ppc64le", "s390x", "sparc64")
+_readable = hasattr(os, "uname") and os.uname().machine in _INLINE_FUTEX_MACHINES
+"""False where the instruction pointers cannot be read or cannot be attributed."""
 
 # Runtimes whose worker threads do not survive a fork and whose child then hangs.
 # LLVM's libomp and Intel's libiomp5 reset themselves in a pthread_atfork handler.
@@ -65,10 +72,6 @@ class Census:
         )
 
 
-def available() -> bool:
-    return os.path.isdir(_TASKS)
-
-
 def _runtime(path: str) -> str | None:
     name = os.path.basename(path)
     for runtime in _OPENMP_RUNTIMES:
@@ -100,11 +103,15 @@ def _library_at(pc: int) -> str | None:
 
 def _classify(tid: int) -> tuple[bool, str | None]:
     """(settled, OpenMP library) for one thread; unsettled while it is running."""
+    global _readable
     try:
         with open(f"{_TASKS}/{tid}/syscall") as f:
             fields = f.read().split()
-    except OSError:
-        return False, None
+    except PermissionError:
+        _readable = False  # a hardened kernel: no use retrying, on this fork or any other
+        return True, None
+    except OSError:  # the thread has just exited
+        return True, None
     if not fields or fields[0] == "running":
         return False, None
     pc = int(fields[-1], 16)
@@ -124,7 +131,9 @@ def python_thread_ids() -> set[int]:
 
 
 def census() -> Census | None:
-    """Count and classify this process's threads, or None where /proc is not there."""
+    """Count and classify this process's threads, or None where that cannot be done."""
+    if not _readable:
+        return None
     try:
         tids = [int(t) for t in os.listdir(_TASKS)]
     except OSError:
@@ -155,6 +164,8 @@ def census() -> Census | None:
                 busy += 1
         if library is not None:
             openmp[library] = openmp.get(library, 0) + 1
+    if not _readable:
+        return None
     return Census(len(tids), len(known & alive), openmp, busy)
 
 

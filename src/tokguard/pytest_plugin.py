@@ -269,7 +269,7 @@ class TokguardPlugin:
         # plugin, so the guard's own warning is marked as given (under -W error it would
         # otherwise stop pytest-forked from forking at all).
         report = entry.report
-        _report._warned.add((report.fork_site, report.pools))
+        _report.mark_warned(report)
         nodeid = self.item.nodeid if self.item is not None else "?"
         self.runner_entries.append(entry)
         self.tests.add(nodeid)
@@ -294,7 +294,7 @@ class TokguardPlugin:
             # This is the forked test's own process: its forks are the test's again.
             self.in_runner_fork = False
             if self.runner_mode is not None:
-                _config._set(self.runner_mode)
+                _config.set_mode(self.runner_mode)
                 self.runner_mode = None
 
     # --- pytest's side ------------------------------------------------------------------
@@ -316,12 +316,12 @@ class TokguardPlugin:
             self.item_mode, explicit, self.item_error = self.mode, False, str(exc)
         previous = _config.mode
         if explicit:
-            _config._set(CORE_MODE[self.item_mode])
+            _config.set_mode(CORE_MODE[self.item_mode])
         try:
             yield
         finally:
             if explicit:
-                _config._set(previous)
+                _config.set_mode(previous)
             self.outside.extend(self.pending)
             self.pending = []
             self.item = None
@@ -485,7 +485,7 @@ class TokguardPlugin:
     def close(self) -> None:
         self.unsubscribe()
         if self.previous_mode is not None:
-            _config._set(self.previous_mode)
+            _config.set_mode(self.previous_mode)
 
 
 class PytestForked:
@@ -506,14 +506,14 @@ class PytestForked:
             # Refusing pytest-forked's own fork would stop the session, not the unsafe code;
             # the test's mode is put back in the child (after_fork_in_child).
             restore = plugin.runner_mode = "raise"
-            _config._set("warn")
+            _config.set_mode("warn")
         try:
             yield
         finally:
             plugin.in_runner_fork = False
             plugin.runner_mode = None
             if restore is not None:
-                _config._set(restore)
+                _config.set_mode(restore)
 
 
 _KEY = pytest.StashKey[TokguardPlugin]()
@@ -555,7 +555,7 @@ def pytest_configure(config: pytest.Config) -> None:
         # TOKGUARD_MODE was applied by the library at import; code that called
         # tokguard.configure() since is only overridden by an explicit pytest setting.
         plugin.previous_mode = _config.mode
-        _config._set(CORE_MODE[mode])
+        _config.set_mode(CORE_MODE[mode])
     config.stash[_KEY] = plugin
     config.pluginmanager.register(plugin, "tokguard-session")
     # pytest-forked registers as "pytest_forked" (entry point name); -p no:forked blocks both.

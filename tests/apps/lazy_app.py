@@ -25,7 +25,7 @@ import sentence_transformers  # noqa: F401 (imported in the master, as apps do)
 import torch
 
 from tokguard import _lab
-from tokguard.lazy import lazy_model
+from tokguard import lazy_model
 
 MODE = os.environ.get("LAZY_APP_MODE", "worker")
 if MODE not in ("master", "worker", "shared"):
