@@ -171,7 +171,9 @@ def worker_tokenizers(quick: bool) -> None:
 
     tok = _lab.train_tokenizer()
     cls = type(tok)
-    encode, encode_batch = cls.encode.__wrapped__, cls.encode_batch.__wrapped__
+    # encode is wrapped only once some tokenizer pads; until then it is the original.
+    encode = getattr(cls.encode, "__wrapped__", cls.encode)
+    encode_batch = cls.encode_batch.__wrapped__
     text = "the tokenizer forks quickly."
     texts = _lab.corpus(64)
     result = {}

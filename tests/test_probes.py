@@ -48,6 +48,38 @@ def test_padded_single_encode_records_first_use() -> None:
     assert values(result)["HAZARDS"] == "['tokenizers-rayon']"
 
 
+def test_padding_is_seen_through_every_way_it_is_switched_on() -> None:
+    """Padding set by a loader, a copy or unpickling is seen; no_padding stops the check."""
+    code = """
+    import copy, os, pickle, tempfile
+    from tokenizers import Tokenizer
+    from tokguard import _probes
+    tok = _lab.train_tokenizer()
+    print("WRAPPED_BEFORE=%s" % hasattr(Tokenizer.encode, "__tokguard_wrapped__"))
+    tok.enable_padding()
+    path = os.path.join(tempfile.mkdtemp(), "t.json")
+    tok.save(path)
+    copies = {
+        "LOADED": Tokenizer.from_file(path),
+        "COPIED": copy.deepcopy(tok),
+        "UNPICKLED": pickle.loads(pickle.dumps(tok)),
+    }
+    tok.no_padding()
+    tok.encode("a b")
+    print("AFTER_NO_PADDING=%s" % _probes.rayon_first_use)
+    for name, other in copies.items():
+        _probes.rayon_first_use = None
+        other.encode("a b")
+        print("%s=%s" % (name, _probes.rayon_first_use is not None))
+    """
+    result = run_py(code, guard=True, env={"TOKENIZERS_PARALLELISM": "true"})
+    assert result.returncode == 0, str(result)
+    got = values(result)
+    assert got["WRAPPED_BEFORE"] == "False"  # a plain encode pays nothing until something pads
+    assert got["AFTER_NO_PADDING"] == "None"
+    assert (got["LOADED"], got["COPIED"], got["UNPICKLED"]) == ("True", "True", "True")
+
+
 def test_rayon_hazard_follows_the_c_environment() -> None:
     """The rayon hazard reads TOKENIZERS_PARALLELISM from the C env, as tokenizers does."""
     code = """

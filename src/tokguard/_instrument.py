@@ -189,8 +189,19 @@ def _wrap_encode(method: Callable[..., Any]) -> Callable[..., Any]:
 def _note_padding(tokenizer: Any) -> None:
     if tokenizer.padding is not None:
         _maybe_padded.add(id(tokenizer))
+        _watch_encode(type(tokenizer))
     else:
         _maybe_padded.discard(id(tokenizer))
+
+
+def _watch_encode(cls: Any) -> None:
+    """Wrap ``encode`` once some tokenizer pads: until then a plain encode pays nothing.
+
+    Without padding a single encode never starts the pool, and a wrapper's own call costs
+    about 3 % of a short encode.
+    """
+    if not getattr(cls.encode, "__tokguard_wrapped__", False):
+        cls.encode = _wrap_encode(cls.encode)
 
 
 def _wrap_padding_setter(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -230,12 +241,11 @@ def _wrap_tokio(method: Callable[..., Any], name: str) -> Callable[..., Any]:
 
 def instrument_tokenizers(module: ModuleType) -> None:
     cls = module.Tokenizer
-    if getattr(cls.encode, "__tokguard_wrapped__", False):
+    if getattr(cls.encode_batch, "__tokguard_wrapped__", False):
         return
     for name in RAYON_METHODS:
         if hasattr(cls, name):
             setattr(cls, name, _wrap_rayon(getattr(cls, name)))
-    cls.encode = _wrap_encode(cls.encode)
     for name in ("enable_padding", "no_padding", "__setstate__"):
         if hasattr(cls, name):
             setattr(cls, name, _wrap_padding_setter(getattr(cls, name)))
@@ -253,7 +263,7 @@ def instrument_late_tokenizers(module: ModuleType) -> None:
     With parallelism on and native threads about, assume the pool may have started: the
     child repair costs little, a hang costs a worker.
     """
-    if getattr(module.Tokenizer.encode, "__tokguard_wrapped__", False):
+    if getattr(module.Tokenizer.encode_batch, "__tokguard_wrapped__", False):
         # A reload of tokguard: the wrappers have seen every call since the first import,
         # so nothing went unseen and guessing now would only cry wolf.
         return
