@@ -67,7 +67,8 @@ def test_no_command_is_a_usage_error() -> None:
         (["doctor", "--colour"], "unrecognized arguments: --colour"),
         (["check"], "the following arguments are required: MODULE[:ATTR]"),
         (["check", "app", "--timeout", "soon"], "'soon' is not a number of seconds"),
-        (["check", "app", "--timeout", "0"], "must be more than 0 seconds"),
+        (["check", "app", "--timeout", "0"], "must be more than 0 and under 86400 seconds"),
+        (["check", "app", "--timeout", "inf"], "must be more than 0 and under 86400 seconds"),
         (["demo", "--forks", "0"], "must be at least 1"),
         (["demo", "--rows", "row2,row99"], "unknown row(s) 'row99'; valid rows are"),
         (["check", "app.py"], "looks like a file path"),
@@ -82,6 +83,23 @@ def test_bad_input_exits_64_with_a_clear_message(args: list[str], expected: str)
     assert proc.returncode == EXIT_USAGE, proc.stderr
     assert expected in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_internal_error_exits_70_not_unsafe() -> None:
+    """A bug inside a command exits 70 with its traceback: a CI gate must not read it as unsafe."""
+    code = (
+        "from tokguard import cli, _doctor\n"
+        "def broken(**kwargs):\n"
+        "    raise ZeroDivisionError('a bug')\n"
+        "_doctor.main = broken\n"
+        "raise SystemExit(cli.main(['doctor']))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == EXIT_INTERNAL, proc.stderr
+    assert "ZeroDivisionError: a bug" in proc.stderr
+    assert "tokguard: internal error" in proc.stderr
 
 
 def test_version_and_help() -> None:

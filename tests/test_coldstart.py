@@ -166,6 +166,50 @@ t.join(10)
     assert watch_result(result) == (2, 2, 0, 0, 0), str(result)
 
 
+FORK_INSIDE_BLOCK = """
+os.environ[VAR] = "true"
+tok = _lab.train_tokenizer()
+texts = ["hello world, a text to tokenize"] * 200
+tok.encode_batch(texts)  # the rayon pool runs in the parent
+block = single_threaded()
+block.__enter__()
+print("HAZARDS=%s" % [h.pool for h in tokguard.hazards()])
+def child():
+    block.__exit__(None, None, None)  # the child leaves the block: "true" would come back
+    tok.encode_batch(texts)
+watch(child, forks=3, timeout=8.0)
+"""
+
+
+@pytest.mark.parametrize("mode", ["warn", "off"])
+def test_fork_inside_a_block_is_judged_on_the_settings_it_restores(mode: str) -> None:
+    """Inside a block the pool looks off, but the child gets "true" back: it is repaired.
+
+    With the guard off the same child hangs, which is what the judgement must foresee.
+    """
+    result = run_py(PRELUDE + FORK_INSIDE_BLOCK, guard=True, env={"TOKGUARD_MODE": mode})
+    if mode == "off":
+        assert watch_result(result) == (3, 0, 0, 3, 0), str(result)
+        return
+    assert values(result)["HAZARDS"] == "['tokenizers-rayon']", str(result)
+    assert watch_result(result) == (3, 3, 0, 0, 0), str(result)
+
+
+def test_a_value_set_inside_the_block_is_kept() -> None:
+    """A setting the user changes inside a block is their newer choice: the exit keeps it."""
+    got = _run(
+        """
+os.environ.pop(VAR, None)
+os.unsetenv(VAR)
+with single_threaded():
+    os.environ[VAR] = "1"
+print("AFTER=%s" % both())
+""",
+        guard=True,
+    )
+    assert got["AFTER"] == "1|1"
+
+
 # --- torch -----------------------------------------------------------------------------------
 
 

@@ -279,6 +279,8 @@ def test_raise_mode_fork_that_bypasses_wrapper_is_repaired() -> None:
     assert values(result)["CODES"] == str([0] * FORKS), str(result)
     assert result.stderr.count("UnsafeForkWarning") == 1, str(result)
     assert "saw an unsafe fork" in result.stderr
+    # The hook must not import logging: its own fork hooks would then misfire on this fork.
+    assert "Exception ignored" not in result.stderr, str(result)
 
 
 WARN_SCRIPT = """

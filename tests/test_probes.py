@@ -146,7 +146,7 @@ def test_imported_tokenizers_without_a_batch_is_safe() -> None:
 
 
 def test_subprocess_run_spawn_and_forkserver_give_no_report(tmp_path) -> None:
-    """subprocess.run, spawn and forkserver start no forked copy of the parent: no report."""
+    """subprocess.run (even with preexec_fn), spawn and forkserver: no forked copy, no report."""
     code = """
     import multiprocessing, os, subprocess, sys
     import tokguard
@@ -162,6 +162,8 @@ def test_subprocess_run_spawn_and_forkserver_give_no_report(tmp_path) -> None:
         reports = []
         tokguard.subscribe(reports.append)
         subprocess.run([sys.executable, "-c", "pass"], check=True, timeout=60)
+        # preexec_fn makes subprocess fork in Python and run the fork hooks; the child execs.
+        subprocess.run(["true"], preexec_fn=os.getpid, check=True, timeout=60)
         for method in ("spawn", "forkserver"):
             with multiprocessing.get_context(method).Pool(1) as pool:
                 assert pool.map(square, [1, 2, 3], chunksize=1) == [1, 4, 9]

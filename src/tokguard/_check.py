@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 
+from ._report import FIXES, first_use_line
 from .cli import (
     EXIT_IMPORT_FAILED,
     EXIT_INTERNAL,
@@ -260,10 +261,8 @@ def render(result: dict[str, Any]) -> str:
             for h in hazards:
                 lines.append(f"  - {h['title']}: {h['evidence']}")
                 first_use = h.get("first_use")
-                if first_use and first_use.startswith("not recorded"):
-                    lines.append(f"    first use: {first_use}")
-                elif first_use:
-                    lines.append(f"    first used at {first_use}")
+                if first_use:
+                    lines.append(f"    {first_use_line(first_use)}")
                 repair = h.get("repair") or "none possible: the child must not use it"
                 lines.append(f"    with tokguard, the child repair is: {repair}")
             if not result.get("imports_tokguard"):
@@ -272,12 +271,8 @@ def render(result: dict[str, Any]) -> str:
                     "line so the workers are repaired and the fork is reported."
                 )
             lines.append("  Fix it for good, any one of:")
-            lines.append(
-                "  - keep the pools cold until after the fork (torch.set_num_threads(1) "
-                "before the warm-up, then restore it: FACTS.md row 10)"
-            )
-            lines.append("  - load the model in each worker after the fork: @tokguard.lazy_model")
-            lines.append("  - do not preload: gunicorn without --preload, or a spawn start method")
+            lines.extend(f"  - {fix}" for fix in FIXES)
+            lines.append("  - do not preload: gunicorn without --preload")
     else:
         lines.append(f"tokguard check: internal error: {result}")
     return "\n".join(lines)

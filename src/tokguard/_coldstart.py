@@ -8,8 +8,9 @@ thread and tokenizers serial, put both settings back, and no pool ever started: 
 starts its own, at full parallel speed, on the shared model (FACTS.md row 10).
 
 The settings are process-wide, so concurrent and nested blocks share one saved state: the
-first block to enter saves it, the last one to leave restores it. Another thread running
-torch while a block is open runs single-threaded too.
+first block to enter saves it, the last one to leave restores it. torch keeps a thread
+count per OS thread: the block limits the thread that opens it first (and torch's default
+for threads that have not run torch yet), so warm up in the thread that opens the block.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ __all__ = ["single_threaded"]
 
 _ABSENT = "\0absent"  # os.environ values are str: this one cannot come from a real variable
 
-_lock = _thread.allocate_lock()
+# Reentrant: entering a block may run a post-import hook of torch that takes it again.
+_lock = _thread.RLock()
 _holders: dict[int, int] = {}
 """Thread ident -> how many blocks that thread has open."""
 _saved_env: str = _ABSENT
@@ -46,6 +48,16 @@ _torch_hook_pending = False
 def active() -> bool:
     """Whether a ``single_threaded()`` block is open in this process."""
     return bool(_holders)
+
+
+def restored_settings() -> tuple[str | None, int]:
+    """(C value of the variable, torch threads) the open blocks will put back.
+
+    The guard judges a fork made inside a block on these, not on the block's own
+    temporary values: the child leaves the block too, and would then use a pool that died
+    at the fork.
+    """
+    return _saved_c_env, _saved_torch_threads
 
 
 def _torch_imported(torch: ModuleType) -> None:
@@ -103,22 +115,28 @@ def _exit() -> None:
 
 
 def _restore() -> None:
-    """Put back the saved settings; called with ``_lock`` held (or in a fork child)."""
+    """Put back the saved settings; called with ``_lock`` held (or in a fork child).
+
+    A setting changed inside the block is the user's newer choice and is kept; so is the
+    guard's repair in a child forked while the parent's pools ran.
+    """
     global _saved_torch_threads
-    if _saved_env == _ABSENT:
-        os.environ.pop(_env.VAR, None)
-    else:
-        os.environ[_env.VAR] = _saved_env
-    # os.environ's view may differ from the C one (os.putenv, C code): restore that exactly.
-    if _saved_c_env is None:
-        os.unsetenv(_env.VAR)
-    else:
-        os.putenv(_env.VAR, _saved_c_env)
+    from . import _fork
+
+    keep_env = _env.c_getenv(_env.VAR) != "false" or "tokenizers-rayon" in _fork.repaired
+    if not keep_env:
+        if _saved_env == _ABSENT:
+            os.environ.pop(_env.VAR, None)
+        else:
+            os.environ[_env.VAR] = _saved_env
+        # os.environ's view may differ from the C one (os.putenv, C code): restore that exactly.
+        if _saved_c_env is None:
+            os.unsetenv(_env.VAR)
+        else:
+            os.putenv(_env.VAR, _saved_c_env)
     threads, _saved_torch_threads = _saved_torch_threads, 0
     torch = sys.modules.get("torch")
-    if threads > 1 and torch is not None:
-        from . import _fork
-
+    if threads > 1 and torch is not None and torch.get_num_threads() == 1:
         if "torch-openmp" in _fork.repaired:
             # This child was forked with the parent's pool running: it must stay at one
             # thread (FACTS.md row 5), and the guard's repair refuses anything more.
@@ -176,7 +194,7 @@ def _after_fork_in_child() -> None:
     """Only the forking thread survives: blocks other threads had open are closed here."""
     global _lock
     try:
-        _lock = _thread.allocate_lock()
+        _lock = _thread.RLock()
         ident = _thread.get_ident()
         mine = _holders.get(ident, 0)
         had_blocks = bool(_holders)

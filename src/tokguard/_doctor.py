@@ -196,7 +196,7 @@ def advice(info: dict[str, Any]) -> list[str]:
     if value is not None and _env.parallel(value) and not tp["set_by_tokguard"]:
         lines.append(
             f"{_env.VAR}={value!r} counts as true: a child forked after a batch call hangs in "
-            "its own batch call (FACTS.md row 2). `import tokguard` repairs such children; "
+            "its own batch call. `import tokguard` repairs such children; "
             "without it, unset the variable or set it to false."
         )
     torch = info["torch"]
@@ -205,7 +205,7 @@ def advice(info: dict[str, Any]) -> list[str]:
             lines.append(
                 f"torch runs {torch['num_threads']} intra-op threads and multiprocessing forks: "
                 "once a model has run in a parent, a forked child's parallel op hangs whatever "
-                f"{_env.VAR} says (FACTS.md rows 4 and 7). Put `import tokguard` first in the "
+                f"{_env.VAR} says. Put `import tokguard` first in the "
                 "app, or use spawn/forkserver, or load models after the fork."
             )
         if torch["num_threads"] == 1:

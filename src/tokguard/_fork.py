@@ -20,6 +20,7 @@ from . import _config, _env, _instrument, _probes, _report, _sites, _threads
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from types import FrameType
     from typing import Any, Callable
 
     from ._probes import Hazard
@@ -81,10 +82,25 @@ def _guard(real: Callable[[], Any]) -> Callable[[], Any]:
     return fork
 
 
+def _from_subprocess() -> bool:
+    """Whether this fork is subprocess's fork+exec (``preexec_fn``): the child execs at once."""
+    frame: FrameType | None = sys._getframe(2)
+    for _ in range(8):
+        if frame is None:
+            return False
+        if (
+            frame.f_code.co_name == "_execute_child"
+            and frame.f_globals.get("__name__") == "subprocess"
+        ):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _before() -> None:
     try:
         ident = _thread.get_ident()
-        if _config.mode == "off":
+        if _config.mode == "off" or (ident not in _handoff and _from_subprocess()):
             _plans.pop(ident, None)
             return
         if ident in _handoff:

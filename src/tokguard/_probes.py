@@ -64,16 +64,29 @@ class Hazard:
 def _rayon(census: _threads.Census | None) -> Hazard | None:
     if rayon_first_use is None and not rayon_maybe_started:
         return None
-    value = _env.c_getenv(_env.VAR)
-    if value is None or not _env.parallel(value):
-        # Unset: tokenizers' own atfork handler makes the child serial (FACTS.md row 1).
-        # A false value: the child inherits it and stays serial.
-        return None
+    in_block, value, _ = _block_restores()
+    if in_block:
+        # The child leaves the block too and gets this value back; unset counts as
+        # parallel there, since tokenizers' own atfork handler saw the block's "false".
+        if value is not None and not _env.parallel(value):
+            return None
+        shown = (
+            f"{value!r} once the single_threaded() block ends"
+            if value
+            else "unset once the single_threaded() block ends"
+        )
+    else:
+        value = _env.c_getenv(_env.VAR)
+        if value is None or not _env.parallel(value):
+            # Unset: tokenizers' own atfork handler makes the child serial (FACTS.md row 1).
+            # A false value: the child inherits it and stays serial.
+            return None
+        shown = repr(value)
     if rayon_first_use is not None:
-        evidence = f"a batch call ran with {_env.VAR}={value!r}, which starts the rayon pool"
+        evidence = f"a batch call ran with {_env.VAR}={shown}, which starts the rayon pool"
     else:
         evidence = (
-            f"tokenizers was imported before tokguard and {_env.VAR}={value!r}; "
+            f"tokenizers was imported before tokguard and {_env.VAR}={shown}; "
             "a batch call may have started the rayon pool unseen"
         )
     return Hazard(
@@ -110,8 +123,17 @@ def _torch_dir() -> str | None:
     return os.path.dirname(path) + os.sep if path else None
 
 
+def _block_restores() -> tuple[bool, str | None, int]:
+    """(inside a single_threaded() block?, C value and torch threads it will restore)."""
+    coldstart = sys.modules.get("tokguard._coldstart")
+    if coldstart is None or not coldstart.active():
+        return False, None, 0
+    value, threads = coldstart.restored_settings()
+    return True, value, threads
+
+
 def _torch(census: _threads.Census | None) -> Hazard | None:
-    threads = _torch_threads()
+    threads = max(_torch_threads(), _block_restores()[2])
     if threads <= 1:
         # One thread never starts a team; a child at one thread works (FACTS.md rows 5, 6).
         return None

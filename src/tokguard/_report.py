@@ -80,8 +80,7 @@ class ForkReport:
         for h in self.hazards:
             lines.append(f"  - {h.title}: {h.evidence}")
             if h.first_use:
-                where = "first use" if h.first_use.startswith("not recorded") else "first used at"
-                lines.append(f"    {where} {h.first_use}")
+                lines.append(f"    {first_use_line(h.first_use)}")
             if self.refused:
                 continue
             lines.append(
@@ -163,6 +162,12 @@ def publish(report: ForkReport) -> None:
     warnings.warn_explicit(UnsafeForkWarning(report.message), UnsafeForkWarning, filename, lineno)
 
 
+def first_use_line(first_use: str) -> str:
+    """ "first used at file:line", or "first use not recorded (why)"."""
+    where = "first use" if first_use.startswith("not recorded") else "first used at"
+    return f"{where} {first_use}"
+
+
 def mark_warned(report: ForkReport) -> None:
     """Count this report's site and pools as warned about (the pytest plugin says it itself)."""
     _warned.add((report.fork_site, report.pools))
@@ -179,9 +184,12 @@ def _split_site(site: str | None) -> tuple[str, int]:
 
 
 def _log(message: str) -> None:
-    # logging is imported here, not at module import: it costs more than tokguard itself.
-    import logging
-
+    # Never imported here: this runs inside a before-fork hook, and logging registers fork
+    # hooks of its own when imported, whose after-fork half would then release a lock it
+    # never took. An application that never imported logging has no handler to reach anyway.
+    logging = sys.modules.get("logging")
+    if logging is None:
+        return
     logger = logging.getLogger("tokguard")
     if not logger.handlers:
         # A library's logger stays quiet unless the application configures logging; the

@@ -36,7 +36,6 @@ _OPENMP_RUNTIMES = ("libgomp", "libomp", "libiomp")
 
 _ranges: list[tuple[int, int, str]] = []  # executable mappings of OpenMP runtimes
 _classified: dict[int, str | None] = {}  # tid -> OpenMP library path, or None
-_UNSEEN = ""  # not a path: marks a thread not classified yet
 _SETTLE_TRIES = 30
 _SETTLE_WAIT = 0.001
 
@@ -101,8 +100,12 @@ def _library_at(pc: int) -> str | None:
     return None
 
 
-def _classify(tid: int) -> tuple[bool, str | None]:
-    """(settled, OpenMP library) for one thread; unsettled while it is running."""
+def _classify(tid: int, reload_ranges: list[bool]) -> tuple[bool, str | None]:
+    """(settled, OpenMP library) for one thread; unsettled while it is running.
+
+    ``reload_ranges`` is a one-shot permission shared by one census: /proc/self/maps of a
+    torch process is long, so it is read again at most once per census.
+    """
     global _readable
     try:
         with open(f"{_TASKS}/{tid}/syscall") as f:
@@ -116,8 +119,9 @@ def _classify(tid: int) -> tuple[bool, str | None]:
         return False, None
     pc = int(fields[-1], 16)
     library = _library_at(pc)
-    if library is None and pc:
+    if library is None and pc and reload_ranges[0]:
         # An OpenMP runtime loaded since the ranges were read (a scikit-learn import, say).
+        reload_ranges[0] = False
         _load_ranges()
         library = _library_at(pc)
     return True, library
@@ -144,25 +148,27 @@ def census() -> Census | None:
     for tid in list(_classified):
         if tid not in alive:
             del _classified[tid]
-    busy = 0
-    for tid in tids:
-        if tid in known:
-            continue
-        library = _classified.get(tid, _UNSEEN)
-        if library is _UNSEEN:
-            settled, library = _classify(tid)
-            # OpenMP workers spin for a moment after a parallel region before they block;
-            # a few short waits let them settle instead of going unseen.
-            for _ in range(_SETTLE_TRIES):
-                if settled:
-                    break
-                time.sleep(_SETTLE_WAIT)
-                settled, library = _classify(tid)
+    reload_ranges = [True]
+    pending = [tid for tid in tids if tid not in known and tid not in _classified]
+    # OpenMP workers spin for a moment after a parallel region before they block; a few
+    # short rounds (one sleep each, for all of them at once) let them settle.
+    for attempt in range(_SETTLE_TRIES + 1):
+        if attempt:
+            time.sleep(_SETTLE_WAIT)
+        running = []
+        for tid in pending:
+            settled, library = _classify(tid, reload_ranges)
             if settled:
                 _classified[tid] = library
             else:
-                busy += 1
-        if library is not None:
+                running.append(tid)
+        pending = running
+        if not pending:
+            break
+    busy = len(pending)
+    for tid in tids:
+        library = _classified.get(tid)
+        if tid not in known and library:
             openmp[library] = openmp.get(library, 0) + 1
     if not _readable:
         return None

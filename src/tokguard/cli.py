@@ -61,8 +61,8 @@ def _positive(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0 seconds")
+    if not 0 < value < 86400:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0 and under 86400 seconds")
     return value
 
 
@@ -203,6 +203,13 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         # `tokguard doctor | head`: the reader went away; nothing left to say.
         return EXIT_OK
+    except Exception:
+        # A bug of ours must not read as "unsafe" (1) to a CI gate: say so, with its own status.
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.write("tokguard: internal error; please report it with the traceback above\n")
+        return EXIT_INTERNAL
 
 
 def run() -> None:

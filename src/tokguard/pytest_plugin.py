@@ -25,7 +25,7 @@ import os
 import pytest
 
 from . import _config, _fork, _probes, _report
-from ._report import FIXES, ForkReport, subscribe
+from ._report import FIXES, ForkReport, first_use_line, subscribe
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -437,7 +437,7 @@ class TokguardPlugin:
             if hazard.pool in self.origins:
                 lines.append(f"    started during {self.origins[hazard.pool]}")
             if hazard.first_use:
-                lines.append(f"    first used at {hazard.first_use}")
+                lines.append(f"    {first_use_line(hazard.first_use)}")
             lines.append(f"    child repair: {hazard.repair or 'none possible'}")
         lines.append(
             "  Unrepaired, every forked test that uses such a pool would hang. tokguard repairs "
