@@ -476,7 +476,7 @@ def test_demo_rows_needing_torch_say_how_to_include_them() -> None:
         [sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == EXIT_OK, proc.stderr
-    assert "row4  skipped: needs tokguard[torch]: pip install 'tokguard[torch]'" in proc.stdout
+    assert "row4  skipped: needs torch: pip install 'torch'" in proc.stdout
     assert "tokguard[transformers]" in proc.stdout
 
 

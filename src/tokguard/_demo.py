@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 DEFAULT_ROWS = ("row2", "row3", "row4", "row7", "row9")
 
 # What each row needs beyond tokenizers: (import name, pip requirement).
-_TORCH = ("torch", "tokguard[torch]")
+# torch is named bare: the user picks the build (CPU or CUDA); tokguard never requires one.
+_TORCH = ("torch", "torch")
 _ST = ("sentence_transformers", "tokguard[transformers]")
 NEEDS: dict[str, tuple[tuple[str, str], ...]] = {
     "row4": (_TORCH,),
