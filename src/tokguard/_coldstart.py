@@ -88,8 +88,7 @@ def _enter() -> None:
         _saved_c_env = _env.c_getenv(_env.VAR)
         _saved_torch_threads = 0
         try:
-            os.environ[_env.VAR] = "false"
-            os.putenv(_env.VAR, "false")  # also where os.environ was rebound to a plain dict
+            _env.force_serial()
             torch = sys.modules.get("torch")
             if torch is not None and hasattr(torch, "get_num_threads"):
                 _limit_torch(torch)

@@ -207,23 +207,6 @@ PROBES: tuple[Callable[[_threads.Census | None], Hazard | None], ...] = (
     _cuda,
 )
 
-_failed_probes: set[str] = set()
-
-
-def _needs_census() -> bool:
-    # The census is the costly part; skip it when no pool-owning library is loaded.
-    return "torch" in sys.modules or _any_native_threads()
-
-
-def _any_native_threads() -> bool:
-    # Listing /proc/self/task costs less than half of reading /proc/self/stat (measured
-    # 7 us against 17 us), and where it is missing census() has nothing to say anyway.
-    try:
-        count = len(os.listdir("/proc/self/task"))
-    except OSError:
-        return False
-    return count > len(_threads.python_thread_ids())
-
 
 def assess() -> tuple[list[Hazard], _threads.Census | None]:
     """The hazards present now and the thread census they were judged on.
@@ -235,8 +218,8 @@ def assess() -> tuple[list[Hazard], _threads.Census | None]:
 
     census = None
     try:
-        if _needs_census():
-            census = _threads.census()
+        # Cheap where there is nothing to classify: one listing of /proc/self/task.
+        census = _threads.census()
     except Exception as exc:
         _report.internal_error("thread census", exc)
     found = []
@@ -244,9 +227,7 @@ def assess() -> tuple[list[Hazard], _threads.Census | None]:
         try:
             hazard = probe(census)
         except Exception as exc:
-            if probe.__name__ not in _failed_probes:
-                _failed_probes.add(probe.__name__)
-                _report.internal_error(f"probe {probe.__name__.lstrip('_')}", exc)
+            _report.internal_error(f"probe {probe.__name__.lstrip('_')}", exc)  # once per probe
             continue
         if hazard is not None:
             found.append(hazard)
