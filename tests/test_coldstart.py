@@ -2,7 +2,7 @@
 
 Every test runs in a fresh interpreter: the block changes process-wide settings (the C
 environment, torch's thread count). The fork test is paired with the same warm-up done the
-usual way, whose children hang with the guard off (FACTS.md rows 7 and 10).
+usual way, whose children hang with the guard off (hang-table rows 7 and 10).
 """
 
 from __future__ import annotations

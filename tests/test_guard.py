@@ -1,4 +1,4 @@
-"""The FACTS.md rows, with and without the guard: each hang is shown, then shown gone.
+"""The hang-table rows (docs/index.md), with and without the guard: each hang is shown, then shown gone.
 
 Every scenario runs in a fresh interpreter (``run_py``). Children are forked by
 ``_watchdog.fork_and_watch``: a child still alive at the deadline is killed and counted as
@@ -107,7 +107,7 @@ def _run_row(row: str, guard: bool, request: pytest.FixtureRequest, mode: str | 
 
 @pytest.mark.parametrize("row", sorted(ROWS))
 def test_row_hangs_without_tokguard(row: str, request: pytest.FixtureRequest) -> None:
-    """Without tokguard every forked child of a FACTS.md hazard row hangs."""
+    """Without tokguard every forked child of a hazard row of the hang table hangs."""
     result = _run_row(row, guard=False, request=request)
     assert result.returncode == 0, str(result)
     forks, _ok, _failed, hung, _refused = watch_result(result)

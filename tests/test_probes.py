@@ -217,7 +217,7 @@ def test_torch_op_is_found_by_the_census() -> None:
 
 
 def test_torch_single_thread_op_is_safe() -> None:
-    """FACTS row 6: ops run at one thread start no pool, so there is nothing to report."""
+    """Hang-table row 6: ops run at one thread start no pool, so there is nothing to report."""
     pytest.importorskip("torch")
     code = """
     import torch
@@ -250,7 +250,7 @@ def test_model_call_records_torch_first_use(cross_encoder_path: str) -> None:
 
 
 def test_row10_cold_warmup_no_report_and_child_keeps_settings(cross_encoder_path: str) -> None:
-    """FACTS row 10: warm with pools off, restore, fork: no report, child keeps 2 threads."""
+    """Hang-table row 10: warm with pools off, restore, fork: no report, child keeps 2 threads."""
     code = f"""
     import os
     import torch, sentence_transformers

@@ -1,4 +1,4 @@
-"""Real servers and worker pools forking after a CrossEncoder ran in the parent (FACTS.md row 8).
+"""Real servers and worker pools forking after a CrossEncoder ran in the parent (hang-table row 8).
 
 Each scenario runs twice in this module: without tokguard it must hang (requests time out,
 gunicorn logs WORKER TIMEOUT, pool tasks go unanswered), and with ``import tokguard`` as the
@@ -135,7 +135,7 @@ SERVERS = [
 def test_preloaded_gunicorn_hangs_without_tokguard(
     module: str, worker_class: str | None, cross_encoder: str, tmp_path: Path
 ) -> None:
-    """Without tokguard, every model request to a preloaded gunicorn times out (row 8)."""
+    """Without tokguard, every model request to a preloaded gunicorn times out (hang-table row 8)."""
     log = tmp_path / "gunicorn.log"
     with gunicorn(f"{module}:app", cross_encoder, log, worker_class) as base:
         answered = sum(_get(f"{base}/query{i}", timeout=WORKER_TIMEOUT + 2) for i in range(3))

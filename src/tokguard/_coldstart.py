@@ -3,9 +3,9 @@
 A preloading server (gunicorn ``--preload``, celery prefork) wants the model in the master,
 so the workers share its memory copy-on-write. Warming it up there normally starts torch's
 OpenMP pool (and, with parallelism on, tokenizers' rayon pool); every forked worker must then
-run single-threaded or hang (FACTS.md rows 4, 5, 7). Run the same warm-up with torch at one
+run single-threaded or hang (hang-table rows 4, 5, 7). Run the same warm-up with torch at one
 thread and tokenizers serial, put both settings back, and no pool ever started: each worker
-starts its own, at full parallel speed, on the shared model (FACTS.md row 10).
+starts its own, at full parallel speed, on the shared model (hang-table row 10).
 
 The settings are process-wide, so concurrent and nested blocks share one saved state: the
 first block to enter saves it, the last one to leave restores it. torch keeps a thread
@@ -138,7 +138,7 @@ def _restore() -> None:
     if threads > 1 and torch is not None and torch.get_num_threads() == 1:
         if "torch-openmp" in _fork.repaired:
             # This child was forked with the parent's pool running: it must stay at one
-            # thread (FACTS.md row 5), and the guard's repair refuses anything more.
+            # thread (hang-table row 5), and the guard's repair refuses anything more.
             return
         torch.set_num_threads(threads)
 

@@ -23,7 +23,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import IO, Any
 
-# FACTS.md rows that hang, in FACTS.md order; `--rows` can add the other scenarios.
+# Rows of the docs' hang table that hang, in table order; `--rows` can add the other scenarios.
 DEFAULT_ROWS = ("row2", "row3", "row4", "row7", "row9")
 
 # What each row needs beyond tokenizers: (import name, pip requirement).

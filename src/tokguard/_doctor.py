@@ -40,7 +40,7 @@ THREAD_VARS = (
     "TOKGUARD_MODE",
 )
 
-# Names that look right and are read by nobody (FACTS.md: tokenizers' docs name the first).
+# Names that look right and are read by nobody (tokenizers' own docs name the first).
 NONEXISTENT = {"RAYON_RS_NUM_THREADS": "RAYON_NUM_THREADS"}
 
 

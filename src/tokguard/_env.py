@@ -96,7 +96,7 @@ def apply_default() -> None:
     """Set VAR=false where the process has no value at all, keeping any value a user set.
 
     Why false by default: a fork after the rayon pool ran hangs the child whenever the
-    variable holds a true value (FACTS.md row 2), and tokenizers' own guard only covers
+    variable holds a true value (hang-table row 2), and tokenizers' own guard only covers
     the unset case. Serial tokenization in the parent is the price; a user who sets the
     variable keeps their choice and tokguard repairs the children instead.
     """

@@ -106,7 +106,7 @@ def _wraps(method: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callabl
 
 # --- tokenizers -------------------------------------------------------------------------
 
-# Calls that start the rayon pool when parallelism is on (FACTS.md, "How tokenizers decides").
+# Calls that start the rayon pool when parallelism is on (tokenizers' Rust source, utils/parallelism.rs).
 RAYON_METHODS = (
     "encode_batch",
     "encode_batch_fast",

@@ -1,6 +1,6 @@
 """Tiny local models for the demo and the tests: no network, no model hub.
 
-Every hazard in FACTS.md needs a real tokenizer and, for the CrossEncoder rows,
+Every hazard in the docs' hang table needs a real tokenizer and, for the CrossEncoder rows,
 a real (if tiny) transformer.  Downloading one would make the tests depend on
 the network and on a cache, so this module builds both from generated text in
 well under a second.
@@ -104,7 +104,7 @@ def train_tokenizer(lines: int = 400, rust_trainer: bool = False) -> Any:
     Why not ``tokenizer.train_from_iterator``: the Rust trainer runs on the
     rayon pool whenever ``TOKENIZERS_PARALLELISM`` is unset or true (measured:
     the process goes from 1 to 3 threads, and with the variable set to
-    ``true`` a forked child's ``encode_batch`` then hangs, FACTS row 2).  A
+    ``true`` a forked child's ``encode_batch`` then hangs, hang-table row 2).  A
     test fixture that silently starts the pool would poison every "safe"
     scenario, and flipping the environment variable around the training would
     race with other threads reading it.  So the default build is independent
@@ -166,11 +166,11 @@ def build_cross_encoder(directory: str) -> str:
 
     Why the build runs under ``torch.set_num_threads(1)``: the first torch op
     that goes parallel starts the GNU OpenMP intra-op pool, and after that no
-    forked child can run a parallel torch op (FACTS row 4).  Building a model
+    forked child can run a parallel torch op (hang-table row 4).  Building a model
     initialises its weights with torch ops; if that started the pool, merely
     building a fixture would make the caller's process fork-unsafe.  With one
-    thread no pool is created (FACTS row 6), and the previous thread count is
-    restored afterwards (setting it starts nothing, FACTS row 10).  The
+    thread no pool is created (hang-table row 6), and the previous thread count is
+    restored afterwards (setting it starts nothing, hang-table row 10).  The
     process only becomes unsafe if the caller itself warms the model.  The
     global torch RNG is forked too, so the caller's random state is untouched
     while the weights stay deterministic.
@@ -217,7 +217,7 @@ def build_cross_encoder(directory: str) -> str:
 def load_cross_encoder(path: str, **kwargs: Any) -> Any:
     """Load ``path`` (from ``build_cross_encoder``) as a ``sentence_transformers.CrossEncoder``.
 
-    Loading starts no pool by itself; the first ``predict`` does (FACTS row 7).
+    Loading starts no pool by itself; the first ``predict`` does (hang-table row 7).
     """
     from sentence_transformers import CrossEncoder
 

@@ -78,7 +78,7 @@ def _rayon(census: _threads.Census | None) -> Hazard | None:
     else:
         value = _env.c_getenv(_env.VAR)
         if value is None or not _env.parallel(value):
-            # Unset: tokenizers' own atfork handler makes the child serial (FACTS.md row 1).
+            # Unset: tokenizers' own atfork handler makes the child serial (hang-table row 1).
             # A false value: the child inherits it and stays serial.
             return None
         shown = repr(value)
@@ -135,7 +135,7 @@ def _block_restores() -> tuple[bool, str | None, int]:
 def _torch(census: _threads.Census | None) -> Hazard | None:
     threads = max(_torch_threads(), _block_restores()[2])
     if threads <= 1:
-        # One thread never starts a team; a child at one thread works (FACTS.md rows 5, 6).
+        # One thread never starts a team; a child at one thread works (hang-table rows 5, 6).
         return None
     torch_dir = _torch_dir() or "\0"
     if census is not None:

@@ -1,4 +1,4 @@
-"""Reproduce each fork hazard of FACTS.md, with or without the guard.
+"""Reproduce each fork hazard of the docs' hang table, with or without the guard.
 
 Usage::
 
@@ -84,12 +84,12 @@ class Context(NamedTuple):
 
 
 class Scenario(NamedTuple):
-    """One hazard: a short human description, the FACTS.md expectation, how to run it."""
+    """One hazard: a short human description, the measured expectation, how to run it."""
 
     name: str
     parent: str  # what the parent did before forking
     child: str  # what each child does
-    expect: str  # unguarded result measured in FACTS.md: "works" or "hangs"
+    expect: str  # unguarded result in the docs' hang table: "works" or "hangs"
     env: dict[str, str | None]  # set before anything is imported; None = unset
     run: Callable[[Context], dict[str, Any]]
     # Default deadline.  A row whose children succeed costs only the time they
@@ -327,7 +327,7 @@ def _dataloader(ctx: Context) -> dict[str, Any]:
     """DataLoader(num_workers=2) over a Dataset that tokenizes with encode_batch.
 
     torch's worker loop calls ``torch.set_num_threads(1)``, so the torch side
-    is repaired in the workers (row 5); the tokenizers side is not (row 2).
+    is repaired in the workers (hang-table row 5); the tokenizers side is not (hang-table row 2).
     """
     import torch
     from torch.utils.data import DataLoader, Dataset
@@ -537,7 +537,7 @@ def _reexec_as_script(argv: list[str]) -> None:
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m tokguard._scenarios",
-        description="Fork after a FACTS.md hazard and count ok / failed / hung children.",
+        description="Fork after a known hazard and count ok / failed / hung children.",
     )
     parser.add_argument("row", choices=sorted(SCENARIOS))
     parser.add_argument("--guard", action="store_true", help="import tokguard first")
@@ -621,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{scenario.name}: guard={'on' if args.guard else 'off'} "
             f"{report['forks']} {unit}: ok={report['ok']} failed={report['failed']} "
             f"hung={report['hung']} refused={report['refused']} in {report['elapsed']}s "
-            f"(FACTS.md unguarded: {scenario.expect})"
+            f"(measured unguarded: {scenario.expect})"
         )
         for error in sorted(set(report["child_errors"])):
             count = report["child_errors"].count(error)

@@ -2,7 +2,7 @@
 
 Why not just count threads: ``import torch`` and ``import scipy`` each start an OpenBLAS
 server thread that is harmless at a fork (OpenBLAS has its own atfork handlers), so a count
-alone cries wolf on every torch user (FACTS.md, "Counting threads"). What hangs a child
+alone cries wolf on every torch user (docs/how-it-works.md). What hangs a child
 is a GNU OpenMP (libgomp) team that already ran in the parent. Its idle workers sit in a
 futex system call issued from inside libgomp itself, so ``/proc/self/task/TID/syscall``
 shows an instruction pointer inside libgomp's code; an OpenBLAS or rayon thread waits

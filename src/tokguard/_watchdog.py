@@ -7,7 +7,7 @@ deadline would hang the measurement with it, so the parent polls with
 
 All children are started first and then share one deadline: the total time is
 bounded by ``timeout`` (plus reaping), however many forks hang, and every child
-is forked from the same parent state, like FACTS.md's "20 of 20 forks hung".
+is forked from the same parent state, like the docs' "20 of 20 forks hung".
 
 Standalone on purpose (stdlib only, no relative imports): the unguarded
 scenario runner loads this file by path so that ``tokguard/__init__.py`` never

@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="reproduce the measured hangs without tokguard, then run them with it",
         description=(
-            "Run each hang of FACTS.md in its own subprocess twice: without tokguard (a "
+            "Run each hang of the 'What actually hangs' table in tokguard's docs in its own "
+            "subprocess twice: without tokguard (a "
             "watchdog kills the hung children) and with it. Needs no network: the tokenizer "
             "and the tiny CrossEncoder are built locally."
         ),

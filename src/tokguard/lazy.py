@@ -1,7 +1,7 @@
 """``@lazy_model``: one model per process, built once, safe across threads, forks and event loops.
 
 The usual singletons each break somewhere: a module global loads before the fork (the hang
-of FACTS.md rows 4, 7, 8), an ``if model is None`` global races (N first requests, N copies),
+of hang-table rows 4, 7, 8), an ``if model is None`` global races (N first requests, N copies),
 ``functools.lru_cache`` does not promise one call. This one builds on first use in the
 current process, exactly once under concurrency, and again in a forked child unless asked to
 share the parent's instance.

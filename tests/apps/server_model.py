@@ -1,4 +1,4 @@
-"""The model every test server loads at import, as a preloading app does (FACTS.md row 8).
+"""The model every test server loads at import, as a preloading app does (hang-table row 8).
 
 The CrossEncoder's path comes from TOKGUARD_TEST_MODEL (the tests build it in a temp
 dir). The warm-up ``predict`` runs in whichever process imports this module: with

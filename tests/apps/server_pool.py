@@ -7,10 +7,10 @@ Prints one JSON line: {"ok": answered tasks, "hung": unanswered ones, "errors": 
 is set here, before any import, the way a shell would set it.
 
 - pool: Pool(2) of the fork context; each task runs ``model.predict``. Unguarded, the
-  children hang in torch's OpenMP pool (FACTS.md rows 4 and 7).
+  children hang in torch's OpenMP pool (hang-table rows 4 and 7).
 - dataloader: TOKENIZERS_PARALLELISM=true (people set it to get parallel tokenization);
   each Dataset item tokenizes a batch of pairs with the model's tokenizer. torch's worker
-  loop sets one torch thread itself, so the hang is the tokenizers one (FACTS.md row 2).
+  loop sets one torch thread itself, so the hang is the tokenizers one (hang-table row 2).
 """
 
 from __future__ import annotations
