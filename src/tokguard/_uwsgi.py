@@ -61,6 +61,19 @@ def status(uwsgi: Any = None) -> dict[str, Any] | None:
     }
 
 
+def describe(info: dict[str, Any] | None) -> list[str]:
+    """``tokguard doctor``'s line about uWSGI (none outside uWSGI)."""
+    if info is None:
+        return []
+    worker = info["worker_id"]
+    role = "master (before the fork)" if worker == 0 else f"worker {worker}"
+    yes = {True: "yes", False: "no"}
+    return [
+        f"uWSGI       {info['version'] or ''} {role}, lazy-apps: {yes[info['lazy_apps']]}, "
+        f"py-call-uwsgi-fork-hooks: {yes[info['fork_hooks']]}"
+    ]
+
+
 def _true(value: object) -> bool:
     if isinstance(value, (bytes, str)):
         value = value.decode() if isinstance(value, bytes) else value
