@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import _thread
 import os
+import sys
 
 import pytest
 
@@ -562,6 +563,7 @@ class ForkedReports:
     def __init__(self, module: Any, original: Callable[[Any], dict[str, Any]]) -> None:
         self.module = module
         self.original = original
+        self.announced = False
 
     @staticmethod
     def broken(serialize: Callable[[Any], dict[str, Any]]) -> bool:
@@ -580,8 +582,6 @@ class ForkedReports:
     @classmethod
     def install(cls) -> ForkedReports | None:
         """Replace ``pytest_forked.serialize_report`` if (and only if) it fails; else None."""
-        import sys
-
         module: Any = sys.modules.get("pytest_forked")
         original = getattr(module, "serialize_report", None)
         if original is None or not callable(original):
@@ -608,9 +608,8 @@ class ForkedReports:
         if getattr(self.module, "serialize_report", None) == self.serialize:
             self.module.serialize_report = self.original
 
-    announced = False
-
     def announce(self) -> str:
+        """The line that says so, once; marks it said."""
         self.announced = True
         return (
             "tokguard converts pytest-forked's test reports, which pytest-forked cannot "
