@@ -32,10 +32,11 @@ EXIT_NOT_FOUND = 127
 _PYTHON_NAME = re.compile(r"^(python|pypy)[0-9.]*[a-z]?$")
 _SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "busybox"})
 _SKIP = {
-    "I": "-I (isolated mode) ignores PYTHONPATH and every PYTHON* variable",
-    "E": "-E ignores PYTHONPATH and every PYTHON* variable",
-    "S": "-S skips the site module, which is what imports sitecustomize",
+    "I": "isolated mode ignores PYTHONPATH and every PYTHON* variable",
+    "E": "it ignores PYTHONPATH and every PYTHON* variable",
+    "S": "it skips the site module, which is what imports sitecustomize",
 }
+_INSTEAD = "tokguard run cannot guard it; put `import tokguard` first in the program instead"
 
 
 def environment(base: Mapping[str, str], mode: str | None) -> dict[str, str]:
@@ -125,7 +126,9 @@ def warnings_for(argv: list[str], path: str) -> list[str]:
         interpreter = os.path.basename(shebang[0]) if shebang else ""
         if _PYTHON_NAME.match(interpreter):
             flags = python_flags(shebang[1:])
-            return [f"{name}: its #! line runs Python with {_SKIP[f]}" for f in flags]
+            return [
+                f"{name}: its #! line runs Python with -{f} ({_SKIP[f]}): {_INSTEAD}" for f in flags
+            ]
         if interpreter in _SHELLS:
             return []  # a shell script: the variables pass down to the Pythons it starts
         return [
@@ -134,11 +137,7 @@ def warnings_for(argv: list[str], path: str) -> list[str]:
         ]
     real = os.path.basename(os.path.realpath(path))
     if _PYTHON_NAME.match(real) or _PYTHON_NAME.match(os.path.basename(path)):
-        return [
-            f"{name} {_SKIP[f]}: tokguard run cannot guard this interpreter (put "
-            "`import tokguard` first in the program instead)"
-            for f in python_flags(argv[1:])
-        ]
+        return [f"{name} -{f}: {_SKIP[f]}: {_INSTEAD}" for f in python_flags(argv[1:])]
     if _embeds_python(path):
         return []
     return [f"{name} is not a Python program: only Python processes it starts are guarded"]
