@@ -10,6 +10,10 @@ alike, medians and minima reported:
   bootstrap only hands over to the next sitecustomize);
 - gate set: what every Python process under ``tokguard run`` pays (imports tokguard).
 
+Also, from ``python -X importtime``, the cumulative import time of the ``sitecustomize``
+module itself (the bootstrap, and tokguard where the gate is set): the part of the start
+that is ours, less disturbed by the rest of the machine than a whole start.
+
 Bytecode is cached (``PYTHONDONTWRITEBYTECODE`` is removed and one warm-up run of each
 variant writes it), as for an installed package.
 """
@@ -60,6 +64,22 @@ def main() -> None:
             start = time.perf_counter()
             subprocess.run([sys.executable, "-c", "pass"], check=True, env=env, timeout=60)
             times[name].append(time.perf_counter() - start)
+    own: dict[str, list[int]] = {name: [] for name in variants if name != "plain"}
+    for _ in range(args.repeat):
+        for name, env in variants.items():
+            if name == "plain":
+                continue
+            err = subprocess.run(
+                [sys.executable, "-X", "importtime", "-c", "pass"],
+                check=True,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            ).stderr
+            # The outermost sitecustomize is ours; a chained one is nested inside it.
+            rows = [x.split("|") for x in err.splitlines() if x.startswith("import time:")]
+            own[name].append(max(int(r[1]) for r in rows if r[2].strip() == "sitecustomize"))
     print(
         f"python {sys.version.split()[0]}, {os.cpu_count()} cpus, "
         f"{args.repeat} runs per variant (alternating), `python -c pass`"
@@ -67,6 +87,11 @@ def main() -> None:
     print(f"{'variant':22} {'median':>10} {'min':>10}")
     for name, values in times.items():
         print(f"{name:22} {statistics.median(values) * 1e3:8.1f} ms {min(values) * 1e3:8.1f} ms")
+    for name, values in own.items():
+        print(
+            f"import sitecustomize ({name}): median {statistics.median(values) / 1e3:.2f} ms, "
+            f"min {min(values) / 1e3:.2f} ms (-X importtime, cumulative)"
+        )
     plain = statistics.median(times["plain"])
     for name in ("folder, gate unset", "gate set"):
         median = statistics.median(times[name])
