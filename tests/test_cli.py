@@ -56,7 +56,7 @@ def test_no_command_is_a_usage_error() -> None:
     """`tokguard` alone prints help and exits 64, naming the commands."""
     proc = run()
     assert proc.returncode == EXIT_USAGE
-    assert "doctor, check or demo" in proc.stderr
+    assert "doctor, check, demo or run" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

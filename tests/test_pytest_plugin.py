@@ -43,17 +43,18 @@ try:
 except ImportError:
     pass
 else:
-    # pytest-forked 1.7.5 cannot marshal pytest 9.2's reports (a NodeId in "_id");
-    # convert it the way pytest's own report serialisation does.
-    _serialize = pytest_forked.serialize_report
+    if "tokguard.pytest_plugin" not in sys.modules:
+        # The unguarded baselines (-p no:tokguard): pytest-forked 1.7.5 cannot marshal
+        # pytest 9.2's reports, and here the plugin is not there to convert them.
+        _serialize = pytest_forked.serialize_report
 
-    def _serialize_report(rep):
-        d = _serialize(rep)
-        if "_id" in d:
-            d["nodeid"] = str(d.pop("_id"))
-        return d
+        def _serialize_report(rep):
+            d = _serialize(rep)
+            if "_id" in d:
+                d["nodeid"] = str(d.pop("_id"))
+            return d
 
-    pytest_forked.serialize_report = _serialize_report
+        pytest_forked.serialize_report = _serialize_report
 
 
 def pytest_sessionfinish(session):
@@ -655,6 +656,133 @@ def test_forked_reranker_guarded_passes(inner: pytest.Pytester, reranker_suite: 
         ]
     )
     assert "TOKGUARD_IMPORTED=True" in result.stdout.str()
+
+
+# --- pytest-forked's reports on pytest 9.2 ------------------------------------------------
+
+FORKED_PLAIN_MODULE = """
+import sys
+
+def test_one():
+    assert True
+
+def test_two():
+    print("forked-module-loaded=" + str("pytest_forked" in sys.modules))
+"""
+
+# The old conftest workaround: a pytest-forked that serialises reports itself.
+FIXED_FORKED_CONFTEST = """
+import pytest_forked
+
+_serialize = pytest_forked.serialize_report
+
+
+def _serialize_report(rep):
+    d = _serialize(rep)
+    if "_id" in d:
+        d["nodeid"] = str(d.pop("_id"))
+    return d
+
+
+pytest_forked.serialize_report = _serialize_report
+"""
+
+CONVERSION_HEADER = "tokguard converts pytest-forked's test reports, which pytest-forked cannot*"
+
+
+def _forked_needs_conversion() -> bool:
+    """pytest-forked's own serialisation fails on this pytest (probed, as the plugin does)."""
+    import marshal
+
+    serialize = pytest.importorskip("pytest_forked").serialize_report
+    # This very session runs the plugin: look past its conversion.
+    serialize = getattr(getattr(serialize, "__self__", None), "original", serialize)
+    report = pytest.TestReport("a.py::t", ("a.py", 0, "t"), {}, "passed", None, "call")
+    try:
+        marshal.dumps(serialize(report))
+    except ValueError:
+        return True
+    return False
+
+
+@pytest.fixture
+def plain_forked(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
+    """Two trivial tests, no conftest: only pytest, pytest-forked and tokguard's plugin."""
+    pytest.importorskip("pytest_forked")
+    monkeypatch.delenv("TOKGUARD_MODE", raising=False)
+    monkeypatch.delenv("PYTEST_ADDOPTS", raising=False)
+    pytester.makepyfile(test_plain=FORKED_PLAIN_MODULE)
+    return pytester
+
+
+def test_forked_reports_fail_without_conversion(plain_forked: pytest.Pytester) -> None:
+    """Switched off, pytest-forked on this pytest fails every forked test ("EXITED with status 3")."""
+    if not _forked_needs_conversion():
+        pytest.skip("pytest-forked serialises this pytest's reports on its own")
+    result = run(plain_forked, "--forked", "-o", "tokguard_forked_reports=false")
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(["*running the test EXITED with status 3*"])
+    result.stdout.no_fnmatch_line(CONVERSION_HEADER)
+
+
+def test_forked_reports_converted(plain_forked: pytest.Pytester) -> None:
+    """By default the plugin converts the reports: forked tests pass, said once in the header."""
+    if not _forked_needs_conversion():
+        pytest.skip("pytest-forked serialises this pytest's reports on its own")
+    result = run(plain_forked, "--forked", "-rA")
+    result.assert_outcomes(passed=2)
+    assert result.stdout.str().count("tokguard converts pytest-forked") == 1
+    result.stdout.fnmatch_lines([CONVERSION_HEADER, "PASSED test_plain.py::test_one"])
+
+
+def test_forked_reports_left_alone_when_they_work(plain_forked: pytest.Pytester) -> None:
+    """A pytest-forked that serialises the reports itself is not touched, and nothing is said."""
+    plain_forked.makeconftest(FIXED_FORKED_CONFTEST)
+    result = run(plain_forked, "--forked")
+    result.assert_outcomes(passed=2)
+    result.stdout.no_fnmatch_line(CONVERSION_HEADER)
+
+
+def test_forked_reports_nothing_without_pytest_forked(plain_forked: pytest.Pytester) -> None:
+    """-p no:forked: no conversion, no header line, pytest_forked not even imported."""
+    result = run(plain_forked, "-p", "no:forked", "-s")
+    result.assert_outcomes(passed=2)
+    result.stdout.no_fnmatch_line(CONVERSION_HEADER)
+    result.stdout.fnmatch_lines(["*forked-module-loaded=False*"])
+
+
+def test_forked_reports_said_at_first_marked_test(plain_forked: pytest.Pytester) -> None:
+    """Without --forked, the line comes once, at the first test marked forked; none without one."""
+    if not _forked_needs_conversion():
+        pytest.skip("pytest-forked serialises this pytest's reports on its own")
+    plain_forked.makepyfile(
+        test_marked="""
+        import pytest
+
+        def test_plain():
+            pass
+
+        @pytest.mark.forked
+        def test_marked():
+            pass
+
+        @pytest.mark.forked
+        def test_marked_again():
+            pass
+        """
+    )
+    result = run(plain_forked, "test_marked.py")
+    result.assert_outcomes(passed=3)
+    assert result.stdout.str().count("tokguard converts pytest-forked") == 1
+    quiet = run(plain_forked, "test_plain.py")
+    quiet.assert_outcomes(passed=2)
+    quiet.stdout.no_fnmatch_line("*tokguard converts*")
+
+
+def test_forked_reports_switch_is_listed(plain_forked: pytest.Pytester) -> None:
+    """pytest --help lists the ini switch."""
+    result = run(plain_forked, "--help")
+    result.stdout.fnmatch_lines(["*tokguard_forked_reports (bool):*"])
 
 
 # --- import cost ----------------------------------------------------------------------------

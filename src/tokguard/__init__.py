@@ -14,7 +14,7 @@ plugin loads this package in every test session of every project that installs i
 
 from __future__ import annotations
 
-from . import _config, _env, _fork, _instrument, _report
+from . import _config, _env, _fork, _instrument, _report, _uwsgi
 from ._config import configure, current_mode
 from ._probes import Hazard, hazards
 from ._report import ForkReport, UnsafeForkError, UnsafeForkWarning, subscribe
@@ -80,7 +80,8 @@ def __getattr__(name: str) -> Any:
 def _start() -> None:
     """The import-time work; a failure is reported, never raised (it would stop a server)."""
     # One step's failure must not cost the others (a guard without hooks protects nothing).
-    for step in (_config.load_from_env, _env.apply_default, _fork.install, _instrument.install):
+    steps = (_config.load_from_env, _env.apply_default, _fork.install, _instrument.install)
+    for step in (*steps, _uwsgi.watch):
         try:
             step()
         except Exception as exc:  # pragma: no cover - defensive

@@ -273,6 +273,10 @@ def render(result: dict[str, Any]) -> str:
             lines.append("  Fix it for good, any one of:")
             lines.extend(f"  - {fix}" for fix in FIXES)
             lines.append("  - do not preload: gunicorn without --preload")
+            lines.append(
+                "  - under uWSGI: --lazy-apps; and know that without --py-call-uwsgi-fork-hooks "
+                "uWSGI forks its workers from C, where tokguard cannot repair them"
+            )
     else:
         lines.append(f"tokguard check: internal error: {result}")
     return "\n".join(lines)

@@ -14,7 +14,7 @@ import os
 import platform
 import sys
 
-from . import _config, _env, _probes
+from . import _config, _env, _probes, _uwsgi
 from .cli import EXIT_OK
 
 TYPE_CHECKING = False
@@ -29,6 +29,7 @@ DISTRIBUTIONS = (
     "sentence-transformers",
     "wrapt",
     "threadpoolctl",
+    "uWSGI",
 )
 
 # Variables that size the pools: shown when set, because they change what a fork risks.
@@ -176,6 +177,7 @@ def collect(import_libraries: bool = True) -> dict[str, Any]:
         {"pool": h.pool, "title": h.title, "evidence": h.evidence, "first_use": h.first_use}
         for h in hazards
     ]
+    info["uwsgi"] = _uwsgi.status()
     info["advice"] = advice(info)
     return info
 
@@ -223,6 +225,19 @@ def advice(info: dict[str, Any]) -> list[str]:
         )
     for h in info["hazards"]:
         lines.append(f"unsafe to fork now: {h['title']} ({h['evidence']}).")
+    uwsgi = info.get("uwsgi")
+    if uwsgi is not None and uwsgi["forks_workers_unhooked"]:
+        lines.append(
+            "this uWSGI master loads the app and forks its workers from C without "
+            "--py-call-uwsgi-fork-hooks: tokguard cannot see or repair those forks, and a "
+            "pool started here hangs every worker. Add --py-call-uwsgi-fork-hooks or --lazy-apps."
+        )
+    elif uwsgi is None and versions.get("uWSGI") is not None:
+        lines.append(
+            "uWSGI is installed: it forks its workers from C, where tokguard cannot see the "
+            "forks. Run it with --lazy-apps, or with --py-call-uwsgi-fork-hooks so that "
+            "tokguard reports and repairs each worker."
+        )
     if sys.version_info >= (3, 14) and info["start_method"]["set"] is None:
         lines.append(
             "Python 3.14 defaults multiprocessing to forkserver; gunicorn, celery prefork and "
@@ -305,6 +320,7 @@ def render(info: dict[str, Any]) -> str:
             f"to Python, {workers} OpenMP workers alive"
             + (" (multi-threaded)" if threads["os_threads"] > 1 else "")
         )
+    out.extend(_uwsgi.describe(info.get("uwsgi")))
     if info["hazards"]:
         out.append("Hazards now")
         for h in info["hazards"]:

@@ -117,7 +117,10 @@ def _as_caller(frame: FrameType) -> Callable[[Callable[[], Any]], Any]:
 
 def _from_subprocess() -> bool:
     """Whether this fork is subprocess's fork+exec (``preexec_fn``): the child execs at once."""
-    frame: FrameType | None = sys._getframe(2)
+    try:
+        frame: FrameType | None = sys._getframe(2)
+    except ValueError:
+        return False  # a fork from C with no Python caller (uWSGI's fork hooks)
     for _ in range(8):
         if frame is None:
             return False

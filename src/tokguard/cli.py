@@ -1,4 +1,4 @@
-"""The ``tokguard`` command (also ``python -m tokguard``): ``doctor``, ``check``, ``demo``.
+"""The ``tokguard`` command (also ``python -m tokguard``): ``doctor``, ``check``, ``demo``, ``run``.
 
 Exit statuses are part of the interface, because ``tokguard check`` is meant as a CI gate
 and a gate must tell "your app is unsafe" apart from "the gate itself was called wrongly".
@@ -26,6 +26,10 @@ EXIT_NOT_FOUND = 3
 """check: the module, or the attribute after the colon, does not exist."""
 EXIT_TIMEOUT = 4
 """check: importing the app did not finish within --timeout seconds."""
+EXIT_CANNOT_EXECUTE = 126
+"""run: the command was found but could not be executed (as a shell says it)."""
+EXIT_COMMAND_NOT_FOUND = 127
+"""run: the command was not found (as a shell says it). Otherwise run's status is the command's."""
 EXIT_USAGE = 64
 """An unknown command or option, or a bad option value."""
 EXIT_INTERNAL = 70
@@ -37,6 +41,8 @@ EXIT_STATUSES = {
     EXIT_IMPORT_FAILED: "the app failed to import",
     EXIT_NOT_FOUND: "module or attribute not found",
     EXIT_TIMEOUT: "the app's import timed out",
+    EXIT_CANNOT_EXECUTE: "run: the command cannot be executed",
+    EXIT_COMMAND_NOT_FOUND: "run: command not found",
     EXIT_USAGE: "usage error",
     EXIT_INTERNAL: "internal error",
 }
@@ -82,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Find and explain fork hazards of tokenizers, transformers and torch: "
             "doctor (this environment), check (your app, as gunicorn --preload imports it), "
-            "demo (the measured hangs, without and with tokguard)."
+            "demo (the measured hangs, without and with tokguard), "
+            "run (start a command with every Python process of it guarded)."
         ),
         epilog=_EPILOG,
     )
@@ -159,6 +166,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="scenarios run at once (default: 2 x cores, max 4)",
     )
     demo.add_argument("--json", action="store_true", help="print one JSON object")
+
+    run = commands.add_parser(
+        "run",
+        help="run a command with tokguard imported first in every Python process it starts",
+        description=(
+            "Run CMD with tokguard imported at the start of every Python interpreter of its "
+            "process tree, without editing its code: tokguard's bootstrap sitecustomize goes "
+            "first on PYTHONPATH, and CMD replaces this process (same pid; its exit status "
+            "and signals are CMD's own). An existing sitecustomize still runs."
+        ),
+        epilog="exit statuses: CMD's own; 126 CMD cannot be executed, 127 CMD not found, "
+        "64 usage error. Example: tokguard run -- gunicorn --preload -w 4 app:app",
+    )
+    run.add_argument(
+        "--mode",
+        default=None,
+        help="the guard's mode in the command, sets TOKGUARD_MODE: warn, raise or off "
+        "(default: TOKGUARD_MODE as set, else warn)",
+    )
+    run.add_argument("command_args", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     return parser
 
 
@@ -173,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     if args.command is None:
         parser.print_help(sys.stderr)
-        sys.stderr.write("tokguard: error: a command is required: doctor, check or demo\n")
+        sys.stderr.write("tokguard: error: a command is required: doctor, check, demo or run\n")
         return EXIT_USAGE
     try:
         if args.command == "doctor":
@@ -184,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
             from . import _check
 
             return _check.main(args.target, timeout=args.timeout, json_output=args.json)
+        if args.command == "run":
+            from . import _run
+
+            return _run.main(args.command_args, mode=args.mode)
         from . import _demo
 
         return _demo.main(

@@ -15,12 +15,19 @@ pytest-forked is special: there pytest itself forks for every test, after sessio
 fixtures may have started a pool. That fork is not the test's doing, so it fails no test;
 it is reported once (naming the fixture that started the pool) and the guard's child
 repair keeps the forked tests running.
+
+pytest-forked 1.7.5 also cannot send pytest 9.2's test reports from the forked child to
+pytest (it marshals ``report.__dict__``, which now holds a ``NodeId`` object): every forked
+test fails with "EXITED with status 3". Where that is so, and only there, the plugin
+converts the id the way pytest's own report serialisation does (ini ``tokguard_forked_reports``
+switches it off).
 """
 
 from __future__ import annotations
 
 import _thread
 import os
+import sys
 
 import pytest
 
@@ -30,6 +37,7 @@ from ._report import FIXES, ForkReport, first_use_line, subscribe
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Generator, Iterator
+    from typing import Any, Callable
 
     from _pytest.fixtures import FixtureDef, SubRequest
     from pluggy import Result
@@ -248,6 +256,7 @@ class TokguardPlugin:
         self.runner_entries: list[_Entry] = []
         self.previous_mode: str | None = None
         self.outer: TokguardPlugin | None = None
+        self.forked_reports: ForkedReports | None = None
         self.unsubscribe = subscribe(self._record)
 
     # --- the guard's side: called on every unsafe fork, in the forking thread --------------
@@ -460,6 +469,14 @@ class TokguardPlugin:
         terminal.flush()  # a forked child must not inherit (and repeat) buffered output
 
     @pytest.hookimpl
+    def pytest_report_header(self, config: pytest.Config) -> list[str]:
+        # Said in the header under --forked; a session that forks only the tests marked
+        # `forked` hears it at the first of them, and one that forks nothing never does.
+        if self.forked_reports is None or not config.getoption("forked", False):
+            return []
+        return [self.forked_reports.announce()]
+
+    @pytest.hookimpl
     def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
         runner = self.runner_entries
         outside = [e for e in self.outside if self.mode != "off"]
@@ -500,6 +517,12 @@ class PytestForked:
             yield
             return
         plugin = self.plugin
+        if plugin.forked_reports is not None and not plugin.forked_reports.announced:
+            terminal = plugin.config.pluginmanager.get_plugin("terminalreporter")
+            if terminal is not None:
+                terminal.ensure_newline()
+                terminal.write_line(plugin.forked_reports.announce())
+                terminal.flush()
         plugin.in_runner_fork = True
         restore = None
         if _config.mode == "raise":
@@ -514,6 +537,84 @@ class PytestForked:
             plugin.runner_mode = None
             if restore is not None:
                 _config.set_mode(restore)
+
+
+FORKED_REPORTS_HELP = (
+    "convert test reports for pytest-forked where it cannot serialise them itself "
+    "(pytest-forked 1.7.5 with pytest 9.2: every forked test fails with 'EXITED with "
+    "status 3'); default true; false leaves pytest-forked as it is."
+)
+
+
+class ForkedReports:
+    """pytest-forked's report serialisation, repaired where it fails.
+
+    pytest-forked marshals a copy of ``report.__dict__``. Since pytest 9.2 the node id
+    lives there as ``_id``, a ``NodeId`` object that marshal refuses, so the child dies
+    before it can hand its reports back. pytest's own ``_report_to_json`` (what xdist
+    uses) writes ``_id`` as the ``nodeid`` string, which ``TestReport(**d)`` accepts on
+    the other side; this does the same, and nothing else.
+
+    Whether it is needed is found by trying, not by reading versions: a report is
+    serialised the way pytest-forked does and marshalled. A pytest-forked that works
+    on its own is left alone.
+    """
+
+    def __init__(self, module: Any, original: Callable[[Any], dict[str, Any]]) -> None:
+        self.module = module
+        self.original = original
+        self.announced = False
+
+    @staticmethod
+    def broken(serialize: Callable[[Any], dict[str, Any]]) -> bool:
+        """Whether a minimal passing report fails to go through ``serialize`` and marshal."""
+        import marshal
+
+        report = pytest.TestReport(
+            "probe.py::probe", ("probe.py", 0, "probe"), {}, "passed", None, "call"
+        )
+        try:
+            marshal.dumps(serialize(report))
+        except ValueError:
+            return True
+        return False
+
+    @classmethod
+    def install(cls) -> ForkedReports | None:
+        """Replace ``pytest_forked.serialize_report`` if (and only if) it fails; else None."""
+        module: Any = sys.modules.get("pytest_forked")
+        original = getattr(module, "serialize_report", None)
+        if original is None or not callable(original):
+            return None
+        try:
+            if not cls.broken(original):
+                return None
+            fixer = cls(module, original)
+            if cls.broken(fixer.serialize):
+                return None  # broken in some other way: converting the id would not help
+        except Exception as exc:
+            _report.internal_error("checking pytest-forked's report serialisation", exc)
+            return None
+        module.serialize_report = fixer.serialize
+        return fixer
+
+    def serialize(self, report: Any) -> dict[str, Any]:
+        data = self.original(report)
+        if "_id" in data:
+            data["nodeid"] = str(data.pop("_id"))
+        return data
+
+    def uninstall(self) -> None:
+        if getattr(self.module, "serialize_report", None) == self.serialize:
+            self.module.serialize_report = self.original
+
+    def announce(self) -> str:
+        """The line that says so, once; marks it said."""
+        self.announced = True
+        return (
+            "tokguard converts pytest-forked's test reports, which pytest-forked cannot "
+            "serialise on this pytest (switch off: -o tokguard_forked_reports=false)"
+        )
 
 
 _KEY = pytest.StashKey[TokguardPlugin]()
@@ -543,6 +644,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("tokguard", "tokguard: unsafe forks")
     group.addoption("--tokguard", action="store", default=None, metavar="MODE", help=HELP)
     parser.addini("tokguard", HELP, default="")
+    parser.addini("tokguard_forked_reports", FORKED_REPORTS_HELP, type="bool", default=True)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -561,6 +663,8 @@ def pytest_configure(config: pytest.Config) -> None:
     # pytest-forked registers as "pytest_forked" (entry point name); -p no:forked blocks both.
     if any(config.pluginmanager.hasplugin(name) for name in ("pytest_forked", "forked")):
         config.pluginmanager.register(PytestForked(plugin), "tokguard-forked")
+        if config.getini("tokguard_forked_reports"):
+            plugin.forked_reports = ForkedReports.install()
     plugin.outer = _active  # an in-process pytester session nests inside another
     _active = plugin
     if not _hooks_registered:
@@ -574,6 +678,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if plugin is None:
         return
     plugin.close()
+    if plugin.forked_reports is not None:
+        plugin.forked_reports.uninstall()
     if _active is plugin:
         _active = plugin.outer
 
