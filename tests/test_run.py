@@ -249,6 +249,22 @@ def test_chains_to_an_existing_sitecustomize(tmp_path: Path) -> None:
     ], result
 
 
+def test_debian_python_chains_and_says_it_is_unguarded() -> None:
+    """Debian's own python3 (no tokguard installed there): one line, and Debian's sitecustomize runs."""
+    debian = Path("/usr/bin/python3")
+    if not debian.exists() or not list(Path("/usr/lib").glob("python3.*/sitecustomize.py")):
+        pytest.skip("no Debian python3 with its sitecustomize here")
+    code = "import sitecustomize, sys; print(sitecustomize.__file__, 'tokguard' in sys.modules)"
+    result = run([*TOKGUARD, "run", "--", str(debian), "-c", code])
+    assert result.returncode == 0, result
+    path, imported = result.stdout.split()
+    assert path.startswith("/usr/lib/python3."), path
+    assert path.endswith("/sitecustomize.py"), path
+    assert imported == "False"
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert f"tokguard run: {debian} cannot import tokguard (ModuleNotFoundError" in result.stderr
+
+
 def test_failing_sitecustomize_is_reported_like_site_does(tmp_path: Path) -> None:
     """A shadowed sitecustomize that raises gets site's own message; the program still runs."""
     (tmp_path / "sitecustomize.py").write_text("raise ValueError('bad config')\n")
