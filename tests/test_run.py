@@ -116,6 +116,24 @@ def test_environment_for_the_command() -> None:
     assert modes == "raise raise"
 
 
+def test_bootstrap_imports_nothing_heavy() -> None:
+    """Under the gate, an interpreter start loads tokguard and nothing heavy."""
+    heavy = (
+        "torch",
+        "tokenizers",
+        "transformers",
+        "wrapt",
+        "logging",
+        "ctypes",
+        "importlib.metadata",
+    )
+    code = (
+        f"import sys; print('tokguard' in sys.modules, [m for m in {heavy!r} if m in sys.modules])"
+    )
+    result = run([*TOKGUARD, "run", "--", sys.executable, "-c", code])
+    assert result.stdout.strip() == "True []", result
+
+
 def test_run_twice_adds_the_folder_once() -> None:
     """tokguard run inside tokguard run: the folder is on PYTHONPATH once."""
     code = "import os; print(os.environ['PYTHONPATH'])"
