@@ -116,6 +116,24 @@ def test_environment_for_the_command() -> None:
     assert modes == "raise raise"
 
 
+def test_bootstrap_imports_nothing_heavy() -> None:
+    """Under the gate, an interpreter start loads tokguard and nothing heavy."""
+    heavy = (
+        "torch",
+        "tokenizers",
+        "transformers",
+        "wrapt",
+        "logging",
+        "ctypes",
+        "importlib.metadata",
+    )
+    code = (
+        f"import sys; print('tokguard' in sys.modules, [m for m in {heavy!r} if m in sys.modules])"
+    )
+    result = run([*TOKGUARD, "run", "--", sys.executable, "-c", code])
+    assert result.stdout.strip() == "True []", result
+
+
 def test_run_twice_adds_the_folder_once() -> None:
     """tokguard run inside tokguard run: the folder is on PYTHONPATH once."""
     code = "import os; print(os.environ['PYTHONPATH'])"
@@ -247,6 +265,22 @@ def test_chains_to_an_existing_sitecustomize(tmp_path: Path) -> None:
         str(tmp_path / "sitecustomize.py"),
         "True",
     ], result
+
+
+def test_debian_python_chains_and_says_it_is_unguarded() -> None:
+    """Debian's own python3 (no tokguard installed there): one line, and Debian's sitecustomize runs."""
+    debian = Path("/usr/bin/python3")
+    if not debian.exists() or not list(Path("/usr/lib").glob("python3.*/sitecustomize.py")):
+        pytest.skip("no Debian python3 with its sitecustomize here")
+    code = "import sitecustomize, sys; print(sitecustomize.__file__, 'tokguard' in sys.modules)"
+    result = run([*TOKGUARD, "run", "--", str(debian), "-c", code])
+    assert result.returncode == 0, result
+    path, imported = result.stdout.split()
+    assert path.startswith("/usr/lib/python3."), path
+    assert path.endswith("/sitecustomize.py"), path
+    assert imported == "False"
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert f"tokguard run: {debian} cannot import tokguard (ModuleNotFoundError" in result.stderr
 
 
 def test_failing_sitecustomize_is_reported_like_site_does(tmp_path: Path) -> None:

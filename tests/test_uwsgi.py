@@ -118,6 +118,23 @@ def test_stand_in_hooked_master_is_quiet() -> None:
     assert MESSAGE not in result.stderr
 
 
+def test_check_lists_the_uwsgi_options_for_an_unsafe_app() -> None:
+    """tokguard check's verdict for an unsafe app names both uWSGI options among the fixes."""
+    from tokguard._check import render
+
+    text = render(
+        {
+            "target": "myapp:app",
+            "status": "unsafe",
+            "import_seconds": 1.0,
+            "hazards": [{"title": "torch intra-op pool", "evidence": "2 threads"}],
+            "imports_tokguard": True,
+        }
+    )
+    assert "under uWSGI: --lazy-apps" in text
+    assert "--py-call-uwsgi-fork-hooks" in text
+
+
 # --- real uWSGI ---------------------------------------------------------------------------
 
 

@@ -15,7 +15,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import NoReturn
 
-# Exit statuses, documented in docs/cli.md; keep the two in step.
+# Exit statuses, documented in docs/cli.md; keep the two in step. `run` has no status of
+# its own: it becomes the command, or exits 126/127 as a shell would (_run.py).
 EXIT_OK = 0
 """doctor ran; check found the app safe; demo: every row behaved as expected with tokguard."""
 EXIT_UNSAFE = 1
@@ -26,10 +27,6 @@ EXIT_NOT_FOUND = 3
 """check: the module, or the attribute after the colon, does not exist."""
 EXIT_TIMEOUT = 4
 """check: importing the app did not finish within --timeout seconds."""
-EXIT_CANNOT_EXECUTE = 126
-"""run: the command was found but could not be executed (as a shell says it)."""
-EXIT_COMMAND_NOT_FOUND = 127
-"""run: the command was not found (as a shell says it). Otherwise run's status is the command's."""
 EXIT_USAGE = 64
 """An unknown command or option, or a bad option value."""
 EXIT_INTERNAL = 70
@@ -41,8 +38,6 @@ EXIT_STATUSES = {
     EXIT_IMPORT_FAILED: "the app failed to import",
     EXIT_NOT_FOUND: "module or attribute not found",
     EXIT_TIMEOUT: "the app's import timed out",
-    EXIT_CANNOT_EXECUTE: "run: the command cannot be executed",
-    EXIT_COMMAND_NOT_FOUND: "run: command not found",
     EXIT_USAGE: "usage error",
     EXIT_INTERNAL: "internal error",
 }
