@@ -145,12 +145,11 @@ def _torch(census: _threads.Census | None) -> Hazard | None:
                 f"{workers} GNU OpenMP worker thread(s) of torch are alive and "
                 f"torch.get_num_threads() is {threads}"
             )
-        elif census.busy:
-            evidence = _spinning_workers(census.busy, threads)
-            if evidence is None:
-                return None
         else:
-            return None
+            spinning = _spinning_workers(census.busy, threads) if census.busy else None
+            if spinning is None:
+                return None
+            evidence = spinning
     elif torch_first_use is not None:
         evidence = f"a model ran with torch.get_num_threads() = {threads}"
     else:
