@@ -1,0 +1,438 @@
+"""Real programs that fork, as users run them: each hangs where it should, and tokguard fixes it.
+
+For every client: a control without tokguard that really hangs (seen by a timeout on the
+result, the interpreter's process group killed afterwards), the guarded run that finishes,
+and the report naming the user's line, or saying that no line of the user's code forked and
+naming the entry point. Precision cases (a forking library that makes the pool safe itself)
+must stay silent and finish, in ``warn`` and in ``raise`` mode.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from brokers import redis_server_fixture  # noqa: F401  (the redis_server fixture)
+from conftest import line_of, run_py, values
+
+pytestmark = [pytest.mark.torch, pytest.mark.slow]
+
+WARNING = "UnsafeForkWarning"
+
+# The first lines of every script: tokguard imported first when GUARD=1, nothing otherwise.
+HEAD = """\
+import os, sys
+if os.environ.get("GUARD") == "1":
+    import tokguard
+"""
+
+
+def _run(
+    tmp_path: Path,
+    code: str,
+    guard: bool,
+    env: dict[str, str] | None = None,
+    timeout: float = 150.0,
+    name: str = "client.py",
+):  # type: ignore[no-untyped-def]
+    script = tmp_path / name
+    full_env = {"GUARD": "1" if guard else "0", **(env or {})}
+    return run_py(HEAD + code, env=full_env, timeout=timeout, path=script), script
+
+
+def _site(script: Path, code: str, marker: str) -> str:
+    return f"{script}:{line_of(HEAD + code, marker)}"
+
+
+# --- ProcessPoolExecutor after bare tensor ops or a module call, both wait policies --------
+
+EXECUTOR = """
+import concurrent.futures, multiprocessing
+import torch
+torch.set_num_threads(2)
+E = torch.randn(4000, 256)
+q = torch.randn(64, 256)
+if os.environ["FIRST_USE"] == "bare":
+    top = torch.topk(q @ E.T, 5)  # BARE USE
+else:
+    layer = torch.nn.Linear(256, 4000)
+    layer(q)  # MODULE USE
+
+
+def work(i):
+    a = torch.randn(256, 256)
+    return float((a @ a).sum())
+
+
+if __name__ == "__main__":
+    ctx = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=ctx) as pool:
+        futures = [pool.submit(work, i) for i in range(2)]  # FORK
+        try:
+            print("DONE=%d" % len([f.result(timeout=6) for f in futures]), flush=True)
+        except concurrent.futures.TimeoutError:
+            print("HUNG=1", flush=True)
+            os.killpg(0, 9)  # the hung children hold stdout open: end the whole group
+"""
+
+
+@pytest.mark.parametrize("policy", ["PASSIVE", "ACTIVE"])
+@pytest.mark.parametrize("first_use", ["bare", "module"])
+def test_executor_hangs_without_tokguard(tmp_path: Path, policy: str, first_use: str) -> None:
+    """Control: fork-context executor children hang after the parent's op, either policy."""
+    result, _ = _run(tmp_path, EXECUTOR, False, {"OMP_WAIT_POLICY": policy, "FIRST_USE": first_use})
+    assert values(result).get("HUNG") == "1", str(result)
+
+
+@pytest.mark.parametrize("policy", ["PASSIVE", "ACTIVE"])
+@pytest.mark.parametrize("first_use", ["bare", "module"])
+def test_executor_finishes_with_tokguard(tmp_path: Path, policy: str, first_use: str) -> None:
+    """Guarded: spinning or sleeping workers are seen, children repaired, both lines named."""
+    result, script = _run(
+        tmp_path, EXECUTOR, True, {"OMP_WAIT_POLICY": policy, "FIRST_USE": first_use}
+    )
+    assert values(result).get("DONE") == "2", str(result)
+    assert result.stderr.count(WARNING) == 1, result.stderr
+    assert f"saw an unsafe fork at {_site(script, EXECUTOR, '# FORK')} in" in result.stderr
+    marker = "# BARE USE" if first_use == "bare" else "# MODULE USE"
+    assert f"first used at {_site(script, EXECUTOR, marker)} in" in result.stderr
+    if policy == "ACTIVE":
+        assert "kept spinning through the fork check" in result.stderr
+
+
+IDLE_TORCH = """
+import concurrent.futures, multiprocessing
+import torch  # imported, never run: no pool
+if os.environ.get("GUARD") == "1":
+    assert tokguard.hazards() == [], tokguard.hazards()
+
+
+def work(i):
+    return i
+
+
+if __name__ == "__main__":
+    ctx = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=ctx) as pool:
+        print("DONE=%d" % len(list(pool.map(work, range(2), timeout=30))))
+"""
+
+
+@pytest.mark.parametrize("mode", ["warn", "raise"])
+def test_idle_torch_under_active_policy_is_silent(tmp_path: Path, mode: str) -> None:
+    """Precision: torch imported but idle under OMP_WAIT_POLICY=ACTIVE: no report, no refusal."""
+    result, _ = _run(
+        tmp_path, IDLE_TORCH, True, {"OMP_WAIT_POLICY": "ACTIVE", "TOKGUARD_MODE": mode}
+    )
+    assert values(result).get("DONE") == "2", str(result)
+    assert WARNING not in result.stderr, result.stderr
+    assert "UnsafeForkError" not in result.stderr, result.stderr
+
+
+# --- torch DataLoader: torch covers its own pool, not the tokenizers one ----------------
+
+DATALOADER = """
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+words = ["[UNK]", "the", "parent", "forks", "child", "hangs"]
+tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+tok.pre_tokenizer = pre_tokenizers.Whitespace()
+TOKENIZE = os.environ.get("TOKENIZERS_PARALLELISM") == "true"
+if TOKENIZE:
+    tok.encode_batch(["the parent forks"] * 100)  # RAYON USE
+model = torch.nn.Linear(256, 256)
+model(torch.randn(64, 256))  # a forward pass: torch's pool runs in the parent
+
+
+class Data(Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        if TOKENIZE:
+            tok.encode_batch(["the child", "hangs"])
+        a = torch.randn(256, 256)
+        return (a @ a).sum()
+
+
+if __name__ == "__main__":
+    loader = DataLoader(Data(), num_workers=2, timeout=8, multiprocessing_context="fork")
+    try:
+        print("DONE=%d" % len(list(loader)), flush=True)  # FORK
+    except RuntimeError as exc:
+        print("HUNG=%s" % ("timed out" in str(exc)), flush=True)
+        os.killpg(0, 9)  # the hung children hold stdout open: end the whole group
+"""
+
+
+@pytest.mark.parametrize("mode", ["warn", "raise"])
+def test_dataloader_after_forward_is_silent(tmp_path: Path, mode: str) -> None:
+    """Precision: torch's DataLoader sets one thread in its workers: no report, no refusal."""
+    control, _ = _run(tmp_path, DATALOADER, False)
+    assert values(control).get("DONE") == "4", str(control)  # safe without tokguard too
+    result, _ = _run(tmp_path, DATALOADER, True, {"TOKGUARD_MODE": mode})
+    assert values(result).get("DONE") == "4", str(result)
+    assert WARNING not in result.stderr, result.stderr
+    assert "UnsafeForkError" not in result.stderr, result.stderr
+
+
+def test_dataloader_with_parallel_tokenizers_hangs_without_tokguard(tmp_path: Path) -> None:
+    """Control: what torch does not cover (the rayon pool) still hangs its workers."""
+    result, _ = _run(tmp_path, DATALOADER, False, {"TOKENIZERS_PARALLELISM": "true"})
+    assert values(result).get("HUNG") == "True", str(result)
+
+
+def test_dataloader_report_names_only_the_uncovered_pool(tmp_path: Path) -> None:
+    """Guarded: the tokenizers pool is reported and repaired; torch's is named as covered."""
+    result, script = _run(tmp_path, DATALOADER, True, {"TOKENIZERS_PARALLELISM": "true"})
+    assert values(result).get("DONE") == "4", str(result)
+    assert result.stderr.count(WARNING) == 1, result.stderr
+    assert "tokenizers parallel pool (rayon)" in result.stderr
+    assert "  - torch intra-op pool" not in result.stderr
+    assert "Not a hazard here: torch intra-op pool (GNU OpenMP) is made safe by torch's" in (
+        result.stderr
+    )
+    assert f"first used at {_site(script, DATALOADER, '# RAYON USE')} in" in result.stderr
+    assert f"saw an unsafe fork at {_site(script, DATALOADER, '# FORK')} in" in result.stderr
+
+
+def test_dataloader_refused_in_raise_mode_only_for_the_uncovered_pool(tmp_path: Path) -> None:
+    """raise mode refuses the fork that still has an uncovered pool, and says which."""
+    result, _ = _run(
+        tmp_path, DATALOADER, True, {"TOKENIZERS_PARALLELISM": "true", "TOKGUARD_MODE": "raise"}
+    )
+    assert "UnsafeForkError: tokguard refused a fork" in result.stderr, str(result)
+    assert "tokenizers parallel pool (rayon)" in result.stderr
+
+
+# --- datasets.map(num_proc=2) -------------------------------------------------------------
+
+DATASETS = """
+import torch
+import datasets
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+datasets.disable_caching()
+datasets.logging.set_verbosity_error()
+words = ["[UNK]", "the", "parent", "forks", "child", "hangs"]
+tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+tok.pre_tokenizer = pre_tokenizers.Whitespace()
+tok.encode_batch(["the parent forks"] * 100)  # parallel: TOKENIZERS_PARALLELISM=true
+USE_TORCH = os.environ["USE_TORCH"] == "1"
+if USE_TORCH:
+    torch.nn.Linear(256, 256)(torch.randn(64, 256))
+
+
+def fn(batch):
+    n = [len(e.ids) for e in tok.encode_batch(batch["text"])]
+    if USE_TORCH:
+        a = torch.randn(256, 256)
+        n = [x + int((a @ a).shape[0] > 0) for x in n]
+    return {"n": n}
+
+
+if __name__ == "__main__":
+    import threading
+
+    def watchdog():
+        print("HUNG=1", flush=True)
+        os.killpg(0, 9)  # the hung children hold stdout open: end the whole group
+
+    timer = threading.Timer(25, watchdog)
+    timer.start()
+    data = datasets.Dataset.from_dict({"text": ["the child hangs"] * 8})
+    out = data.map(fn, batched=True, batch_size=2, num_proc=2)  # FORK
+    timer.cancel()
+    print("DONE=%d" % len(out), flush=True)
+    print("PARALLELISM=%s" % os.environ.get("TOKENIZERS_PARALLELISM"))
+"""
+
+
+def test_datasets_map_hangs_without_tokguard_after_torch(tmp_path: Path) -> None:
+    """Control: datasets covers tokenizers, not torch: its workers hang after a forward pass."""
+    result, _ = _run(
+        tmp_path, DATASETS, False, {"TOKENIZERS_PARALLELISM": "true", "USE_TORCH": "1"}
+    )
+    assert values(result).get("HUNG") == "1", str(result)
+
+
+def test_datasets_map_finishes_with_tokguard_after_torch(tmp_path: Path) -> None:
+    """Guarded: finished; the report names the user's map line, not multiprocess's."""
+    result, script = _run(
+        tmp_path, DATASETS, True, {"TOKENIZERS_PARALLELISM": "true", "USE_TORCH": "1"}
+    )
+    assert values(result).get("DONE") == "8", str(result)
+    assert result.stderr.count(WARNING) == 1, result.stderr
+    assert f"saw an unsafe fork at {_site(script, DATASETS, '# FORK')} in" in result.stderr
+    assert "multiprocess/popen_fork.py" not in result.stderr
+    assert "tokenizers parallel pool" not in result.stderr  # datasets made it serial
+
+
+@pytest.mark.parametrize("mode", ["warn", "raise"])
+def test_datasets_map_with_parallel_tokenizers_only_is_silent(tmp_path: Path, mode: str) -> None:
+    """Precision: datasets sets TOKENIZERS_PARALLELISM=false before forking: no report."""
+    control, _ = _run(
+        tmp_path, DATASETS, False, {"TOKENIZERS_PARALLELISM": "true", "USE_TORCH": "0"}
+    )
+    assert values(control).get("DONE") == "8", str(control)  # safe without tokguard too
+    result, _ = _run(
+        tmp_path,
+        DATASETS,
+        True,
+        {"TOKENIZERS_PARALLELISM": "true", "USE_TORCH": "0", "TOKGUARD_MODE": mode},
+    )
+    assert values(result).get("DONE") == "8", str(result)
+    assert WARNING not in result.stderr, result.stderr
+    assert "UnsafeForkError" not in result.stderr, result.stderr
+
+
+# --- a transformers pipeline in a fork Pool ----------------------------------------------
+
+PIPELINE = """
+import multiprocessing
+from transformers import pipeline
+
+classify = pipeline("text-classification", model=os.environ["MODEL_PATH"], device="cpu")
+classify("warm up")  # FIRST USE
+
+
+def work(text):
+    return classify(text)[0]["label"]
+
+
+if __name__ == "__main__":
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        result = pool.map_async(work, ["a query", "a passage"])  # FORK
+        try:
+            print("DONE=%d" % len(result.get(timeout=10)), flush=True)
+        except multiprocessing.TimeoutError:
+            print("HUNG=1", flush=True)
+            os.killpg(0, 9)  # the hung children hold stdout open: end the whole group
+"""
+
+
+def test_pipeline_pool_hangs_without_tokguard(tmp_path: Path, cross_encoder_path: str) -> None:
+    """Control: a warmed transformers pipeline hangs fork-Pool children."""
+    result, _ = _run(tmp_path, PIPELINE, False, {"MODEL_PATH": cross_encoder_path})
+    assert values(result).get("HUNG") == "1", str(result)
+
+
+def test_pipeline_pool_finishes_with_tokguard(tmp_path: Path, cross_encoder_path: str) -> None:
+    """Guarded: the children answer; the report names the warm-up and the Pool line."""
+    result, script = _run(tmp_path, PIPELINE, True, {"MODEL_PATH": cross_encoder_path})
+    assert values(result).get("DONE") == "2", str(result)
+    assert result.stderr.count(WARNING) == 1, result.stderr
+    assert f"saw an unsafe fork at {_site(script, PIPELINE, '# FORK')} in" in result.stderr
+    assert f"first used at {_site(script, PIPELINE, '# FIRST USE')} in" in result.stderr
+
+
+# --- celery prefork with a real redis broker ---------------------------------------------
+
+TASKS = """\
+import os
+if os.environ.get("GUARD") == "1":
+    import tokguard
+import torch
+from celery import Celery
+
+app = Celery("tasks", broker=os.environ["BROKER"], backend=os.environ["BROKER"])
+app.conf.worker_hijack_root_logger = False
+torch.nn.Linear(256, 256)(torch.randn(64, 256))  # warmed at import, in the main process
+
+
+@app.task
+def work(i):
+    a = torch.randn(256, 256)
+    return float((a @ a).sum()) * 0 + i
+"""
+
+CLIENT = """\
+import sys
+from tasks import app, work
+results = [work.delay(i) for i in range(2)]
+try:
+    print("DONE=%d" % len([r.get(timeout=float(sys.argv[1])) for r in results]), flush=True)
+except Exception as exc:
+    print("HUNG=%s" % type(exc).__name__, flush=True)
+"""
+
+
+def _celery(tmp_path: Path, broker: str, guard: bool, timeout: float) -> tuple[str, str]:
+    """Run a prefork worker and a client; (client output, worker log). Both bounded."""
+    (tmp_path / "tasks.py").write_text(TASKS)
+    (tmp_path / "client.py").write_text(CLIENT)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PYTEST_", "TOKGUARD_", "TOKENIZERS_", "OMP_"))
+    }
+    env.update(BROKER=broker, GUARD="1" if guard else "0", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = str(tmp_path)
+    log = tmp_path / "worker.log"
+    celery = str(Path(sys.executable).with_name("celery"))
+    with log.open("w") as out:
+        worker = subprocess.Popen(
+            [
+                celery,
+                "-A",
+                "tasks",
+                "worker",
+                "-P",
+                "prefork",
+                "-c",
+                "2",
+                "--loglevel",
+                "WARNING",
+                "--without-heartbeat",
+                "--without-mingle",
+                "--without-gossip",
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        client = subprocess.run(
+            [sys.executable, "client.py", str(timeout)],
+            check=False,
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout + 120,
+        )
+        output = client.stdout + client.stderr
+    finally:
+        try:
+            os.killpg(worker.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        worker.wait(timeout=30)
+    time.sleep(0.1)
+    return output, log.read_text()
+
+
+def test_celery_prefork_hangs_without_tokguard(tmp_path: Path, redis_server: str) -> None:
+    """Control: tasks time out when the task module warmed torch in the main process."""
+    output, log = _celery(tmp_path, redis_server, guard=False, timeout=25)
+    assert "HUNG=TimeoutError" in output, output + log
+
+
+def test_celery_prefork_finishes_with_tokguard(tmp_path: Path, redis_server: str) -> None:
+    """Guarded: tasks complete; no line of the user's code forked, so the report says so."""
+    output, log = _celery(tmp_path, redis_server, guard=True, timeout=60)
+    assert "DONE=2" in output, output + log
+    assert WARNING in log, log
+    assert "saw an unsafe fork at no line of your own code (billiard" in log, log
+    assert "`celery -A tasks worker" in log, log
+    assert "click/decorators.py" not in log
