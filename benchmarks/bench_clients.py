@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -22,8 +21,14 @@ import time
 STATES = {
     "nothing active": ("", {}),
     "torch imported, idle": ("import torch", {}),
-    "torch pool ran (q @ E.T), passive": ("import torch\ntorch.randn(64,256) @ torch.randn(256,4000)", {"OMP_WAIT_POLICY": "PASSIVE"}),
-    "torch pool ran (q @ E.T), ACTIVE": ("import torch\ntorch.randn(64,256) @ torch.randn(256,4000)", {"OMP_WAIT_POLICY": "ACTIVE"}),
+    "torch pool ran (q @ E.T), passive": (
+        "import torch\ntorch.randn(64,256) @ torch.randn(256,4000)",
+        {"OMP_WAIT_POLICY": "PASSIVE"},
+    ),
+    "torch pool ran (q @ E.T), ACTIVE": (
+        "import torch\ntorch.randn(64,256) @ torch.randn(256,4000)",
+        {"OMP_WAIT_POLICY": "ACTIVE"},
+    ),
 }
 
 WORKER = """

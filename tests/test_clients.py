@@ -167,7 +167,10 @@ if __name__ == "__main__":
     loader = DataLoader(Data(), num_workers=2, timeout=8, multiprocessing_context="fork")
     try:
         print("DONE=%d" % len(list(loader)), flush=True)  # FORK
-    except RuntimeError as exc:
+    except RuntimeError as exc:  # a timeout, or tokguard's UnsafeForkError in raise mode
+        print("ERROR=%s" % type(exc).__name__, flush=True)
+        print("RAYON=%s" % ("- tokenizers parallel pool (rayon)" in str(exc)), flush=True)
+        print("TORCH=%s" % ("- torch intra-op pool" in str(exc)), flush=True)
         print("HUNG=%s" % ("timed out" in str(exc)), flush=True)
         os.killpg(0, 9)  # the hung children hold stdout open: end the whole group
 """
@@ -209,8 +212,53 @@ def test_dataloader_refused_in_raise_mode_only_for_the_uncovered_pool(tmp_path: 
     result, _ = _run(
         tmp_path, DATALOADER, True, {"TOKENIZERS_PARALLELISM": "true", "TOKGUARD_MODE": "raise"}
     )
-    assert "UnsafeForkError: tokguard refused a fork" in result.stderr, str(result)
-    assert "tokenizers parallel pool (rayon)" in result.stderr
+    got = values(result)
+    assert got.get("ERROR") == "UnsafeForkError", str(result)
+    assert got.get("RAYON") == "True", str(result)
+    assert got.get("TORCH") == "False", str(result)
+
+
+INSIDE_LOADER = """
+import multiprocessing
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+torch.nn.Linear(256, 256)(torch.randn(64, 256))  # torch's pool runs in the parent
+
+
+def work(i):
+    a = torch.randn(256, 256)
+    return float((a @ a).sum())
+
+
+class Data(Dataset):
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        # The user's own fork, made while a loader without workers iterates: torch's
+        # DataLoader is on the stack but does not fork this child, so nothing covers it.
+        with multiprocessing.get_context("fork").Pool(1) as pool:  # FORK
+            try:
+                return torch.tensor(pool.apply_async(work, (i,)).get(timeout=6))
+            except multiprocessing.TimeoutError:
+                print("HUNG=1", flush=True)
+                os.killpg(0, 9)  # the hung children hold stdout open: end the whole group
+
+
+if __name__ == "__main__":
+    print("DONE=%d" % len(list(DataLoader(Data(), num_workers=0))), flush=True)
+"""
+
+
+def test_fork_inside_a_loader_without_workers_is_not_covered(tmp_path: Path) -> None:
+    """Precision the other way: a user's Pool inside __getitem__ hangs and is still reported."""
+    control, _ = _run(tmp_path, INSIDE_LOADER, False)
+    assert values(control).get("HUNG") == "1", str(control)
+    result, script = _run(tmp_path, INSIDE_LOADER, True)
+    assert values(result).get("DONE") == "1", str(result)
+    assert "- torch intra-op pool" in result.stderr, result.stderr
+    assert f"saw an unsafe fork at {_site(script, INSIDE_LOADER, '# FORK')} in" in result.stderr
 
 
 # --- datasets.map(num_proc=2) -------------------------------------------------------------
@@ -309,8 +357,8 @@ def work(text):
 
 
 if __name__ == "__main__":
-    with multiprocessing.get_context("fork").Pool(2) as pool:
-        result = pool.map_async(work, ["a query", "a passage"])  # FORK
+    with multiprocessing.get_context("fork").Pool(2) as pool:  # FORK
+        result = pool.map_async(work, ["a query", "a passage"])
         try:
             print("DONE=%d" % len(result.get(timeout=10)), flush=True)
         except multiprocessing.TimeoutError:

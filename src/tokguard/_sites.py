@@ -98,7 +98,11 @@ def _describe(frame: FrameType) -> str:
 
 
 def _package(frame: FrameType) -> str:
-    return str(frame.f_globals.get("__name__") or "?").partition(".")[0]
+    name = frame.f_globals.get("__name__") or "?"
+    if name == "__main__":  # `python -m celery`: the module's real name is in its spec
+        spec = frame.f_globals.get("__spec__")
+        name = getattr(spec, "name", None) or name
+    return str(name).partition(".")[0]
 
 
 def entry_point() -> str:

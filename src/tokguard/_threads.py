@@ -14,6 +14,13 @@ says nothing. There, and where /proc or the syscall file cannot be read (a harde
 kernel), ``census()`` returns None and the probes fall back on what the
 instrumentation recorded. Each thread is classified once and cached by thread id, so a
 fork costs a directory listing plus one small read per new thread.
+
+A worker that is running shows no pointer ("running"). libgomp's idle workers spin for a
+moment before they block, so the census waits a few milliseconds for them to settle; under
+``OMP_WAIT_POLICY=ACTIVE`` they spin for good. Threads still running after the window are
+counted as ``busy`` and remembered, so a later fork does not wait for them again; the
+probe decides with other evidence (the wait policy, a recorded first use) whether they are
+an OpenMP team.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ _classified: dict[int, str | None] = {}  # tid -> OpenMP library path, or None
 _spinning: set[int] = set()  # tids that kept running through a whole settle window
 _SETTLE_TRIES = 30
 _SETTLE_WAIT = 0.001
+_SETTLE_TRIES_SPINNING = 3
 
 # Values of OMP_WAIT_POLICY / GOMP_SPINCOUNT under which libgomp's idle workers spin (for
 # minutes or for ever) instead of blocking in a futex, so they never show a pointer.
@@ -184,7 +192,10 @@ def census() -> Census | None:
     # waited for again: under OMP_WAIT_POLICY=ACTIVE that is a worker spinning for good,
     # and waiting for it would cost every fork the whole window.
     spun: list[int] = []
-    for attempt in range(_SETTLE_TRIES + 1):
+    # Where libgomp was told to spin, its workers will not settle: a few rounds let other
+    # threads settle, and the whole window would only delay the fork.
+    tries = _SETTLE_TRIES_SPINNING if pending and spin_policy() else _SETTLE_TRIES
+    for attempt in range(tries + 1):
         if attempt:
             time.sleep(_SETTLE_WAIT)
         running = []
