@@ -16,7 +16,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 STATES = {
     "nothing active": ("", {}),
@@ -57,6 +56,61 @@ print(json.dumps({{
 """
 
 
+THREAD_WORKER = """
+import os, select, threading, time, warnings
+if {guard}:
+    import tokguard
+warnings.simplefilter("ignore")
+import torch
+torch.set_num_threads(2)
+a = torch.randn(1024, 1024)
+a @ a  # the parent's pool ran
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    def run():
+        a @ a
+        start = time.perf_counter()
+        for _ in range(50):
+            a @ a
+        os.write(w, b"%d %f" % (torch.get_num_threads(), time.perf_counter() - start))
+    worker = threading.Thread(target=run)  # a server's threadpool thread
+    worker.start()
+    worker.join()
+    os._exit(0)
+ready, _, _ = select.select([r], [], [], 120)
+print(os.read(r, 100).decode() if ready else "hung")
+os.kill(pid, 9)
+os.waitpid(pid, 0)
+"""
+
+
+def thread_table(env: dict[str, str], rounds: int = 3) -> None:
+    """torch in a new thread of a forked child: its own team at 2 threads, or tokguard's 1."""
+    print()
+    print(
+        "| 50 matmuls 1024x1024 in a new thread of a forked child | threads | seconds (per round) |"
+    )
+    print("|---|---|---|")
+    results: dict[bool, list[str]] = {False: [], True: []}
+    threads: dict[bool, str] = {}
+    for _ in range(rounds):  # interleaved, so load from other processes hits both alike
+        for guard in (False, True):
+            out = subprocess.run(
+                [sys.executable, "-c", THREAD_WORKER.format(guard=guard)],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+                check=True,
+            ).stdout.split()
+            threads[guard] = out[0]
+            results[guard].append(f"{float(out[1]):.2f}")
+    for guard in (False, True):
+        label = "with tokguard (child repaired)" if guard else "without tokguard"
+        print(f"| {label} | {threads[guard]} | {', '.join(results[guard])} |")
+
+
 def main() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     for key in ("TOKENIZERS_PARALLELISM", "TOKGUARD_MODE", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
@@ -78,7 +132,7 @@ def main() -> None:
             f"| {label} | {', '.join(r['pools']) or '-'} | {r['first_judge_us']:.0f} us | "
             f"{r['judge_us']:.1f} us | {r['assess_us']:.1f} us | {r['site_us']:.2f} us |"
         )
-    time.sleep(0)
+    thread_table(env)
 
 
 if __name__ == "__main__":

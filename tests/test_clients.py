@@ -261,6 +261,44 @@ def test_fork_inside_a_loader_without_workers_is_not_covered(tmp_path: Path) -> 
     assert f"saw an unsafe fork at {_site(script, INSIDE_LOADER, '# FORK')} in" in result.stderr
 
 
+THREAD_IN_CHILD = """
+import select, threading, time
+import torch
+torch.set_num_threads(2)
+a = torch.randn(512, 512)
+a @ a  # the parent's pool ran
+WHERE = os.environ["WHERE"]
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    def run():
+        a @ a
+        os.write(w, b"threads=%d" % torch.get_num_threads())
+
+    if WHERE == "thread":  # like a plain `def` endpoint in a server's threadpool
+        worker = threading.Thread(target=run)
+        worker.start()
+        worker.join()
+    else:
+        run()
+    os._exit(0)
+ready, _, _ = select.select([r], [], [], 8)
+print("CHILD=%s" % (os.read(r, 100).decode() if ready else "hung"), flush=True)
+os.kill(pid, 9)
+os.waitpid(pid, 0)
+"""
+
+
+def test_a_new_thread_in_a_forked_child_builds_its_own_team(tmp_path: Path) -> None:
+    """Without tokguard: torch in a new thread of the child works at 2 threads; the main thread hangs."""
+    in_thread, _ = _run(tmp_path, THREAD_IN_CHILD, False, {"WHERE": "thread"})
+    assert values(in_thread).get("CHILD") == "threads=2", str(in_thread)
+    on_main, _ = _run(tmp_path, THREAD_IN_CHILD, False, {"WHERE": "main"})
+    assert values(on_main).get("CHILD") == "hung", str(on_main)
+    guarded, _ = _run(tmp_path, THREAD_IN_CHILD, True, {"WHERE": "thread"})
+    assert values(guarded).get("CHILD") == "threads=1", str(guarded)  # the repair's cost
+
+
 # --- datasets.map(num_proc=2) -------------------------------------------------------------
 
 DATASETS = """
@@ -393,7 +431,14 @@ from celery import Celery
 
 app = Celery("tasks", broker=os.environ["BROKER"], backend=os.environ["BROKER"])
 app.conf.worker_hijack_root_logger = False
-torch.nn.Linear(256, 256)(torch.randn(64, 256))  # warmed at import, in the main process
+if os.environ.get("WARM", "import") == "import":
+    torch.nn.Linear(256, 256)(torch.randn(64, 256))  # warmed at import, in the main process
+else:
+    from celery.signals import worker_process_init
+
+    @worker_process_init.connect
+    def load_model(**kwargs):  # the recipe: each pool process warms its own, after the fork
+        torch.nn.Linear(256, 256)(torch.randn(64, 256))
 
 
 @app.task
@@ -413,7 +458,14 @@ except Exception as exc:
 """
 
 
-def _celery(tmp_path: Path, broker: str, guard: bool, timeout: float) -> tuple[str, str]:
+def _celery(
+    tmp_path: Path,
+    broker: str,
+    guard: bool,
+    timeout: float,
+    pool: str = "prefork",
+    extra: dict[str, str] | None = None,
+) -> tuple[str, str]:
     """Run a prefork worker and a client; (client output, worker log). Both bounded."""
     (tmp_path / "tasks.py").write_text(TASKS)
     (tmp_path / "client.py").write_text(CLIENT)
@@ -424,6 +476,7 @@ def _celery(tmp_path: Path, broker: str, guard: bool, timeout: float) -> tuple[s
     }
     env.update(BROKER=broker, GUARD="1" if guard else "0", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = str(tmp_path)
+    env.update(extra or {})
     log = tmp_path / "worker.log"
     celery = str(Path(sys.executable).with_name("celery"))
     with log.open("w") as out:
@@ -434,7 +487,7 @@ def _celery(tmp_path: Path, broker: str, guard: bool, timeout: float) -> tuple[s
                 "tasks",
                 "worker",
                 "-P",
-                "prefork",
+                pool,
                 "-c",
                 "2",
                 "--loglevel",
@@ -484,3 +537,24 @@ def test_celery_prefork_finishes_with_tokguard(tmp_path: Path, redis_server: str
     assert "saw an unsafe fork at no line of your own code (billiard" in log, log
     assert "`celery -A tasks worker" in log, log
     assert "click/decorators.py" not in log
+
+
+def test_celery_worker_process_init_recipe_needs_no_tokguard(
+    tmp_path: Path, redis_server: str
+) -> None:
+    """The recipe: a model warmed in worker_process_init, after the fork, never hangs."""
+    output, log = _celery(tmp_path, redis_server, guard=False, timeout=60, extra={"WARM": "init"})
+    assert "DONE=2" in output, output + log
+
+
+@pytest.mark.parametrize("pool", ["solo", "threads"])
+def test_celery_solo_and_threads_pools_do_not_fork(
+    tmp_path: Path, redis_server: str, pool: str
+) -> None:
+    """Precision: -P solo / -P threads never fork, so raise mode lets a warmed worker run."""
+    output, log = _celery(
+        tmp_path, redis_server, guard=True, timeout=60, pool=pool, extra={"TOKGUARD_MODE": "raise"}
+    )
+    assert "DONE=2" in output, output + log
+    assert WARNING not in log, log
+    assert "UnsafeForkError" not in log, log
