@@ -151,7 +151,7 @@ def _torch(census: _threads.Census | None) -> Hazard | None:
                 return None
             evidence = spinning
     elif torch_first_use is not None:
-        evidence = f"a model ran with torch.get_num_threads() = {threads}"
+        evidence = f"a model or matmul ran with torch.get_num_threads() = {threads}"
     else:
         return None
     return Hazard(

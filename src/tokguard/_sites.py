@@ -109,7 +109,7 @@ def entry_point() -> str:
     """The command this process runs, as a person would type it (``celery -A proj worker``)."""
     argv = list(getattr(sys, "argv", None) or [])
     if not argv or not argv[0]:
-        return "an embedded interpreter"
+        return "an interactive or embedded interpreter"
     first = argv[0]
     if first == "-c":
         name = "python -c ..."
