@@ -9,6 +9,7 @@ must stay silent and finish, in ``warn`` and in ``raise`` mode.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -19,9 +20,19 @@ from pathlib import Path
 import pytest
 
 from brokers import redis_server_fixture  # noqa: F401  (the redis_server fixture)
-from conftest import line_of, run_py, values
+from conftest import Result, line_of, run_py, values
 
-pytestmark = [pytest.mark.torch, pytest.mark.slow]
+
+def _needs(*modules: str) -> pytest.MarkDecorator:
+    """Skip, naming what is missing, without importing it here (torch takes seconds)."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)} installed")
+
+
+pytestmark = [pytest.mark.torch, pytest.mark.slow, _needs("torch")]
+needs_datasets = _needs("datasets")
+needs_celery = _needs("celery", "redis")
+needs_transformers = _needs("transformers")
 
 WARNING = "UnsafeForkWarning"
 
@@ -40,7 +51,7 @@ def _run(
     env: dict[str, str] | None = None,
     timeout: float = 150.0,
     name: str = "client.py",
-):  # type: ignore[no-untyped-def]
+) -> tuple[Result, Path]:
     script = tmp_path / name
     full_env = {"GUARD": "1" if guard else "0", **(env or {})}
     return run_py(HEAD + code, env=full_env, timeout=timeout, path=script), script
@@ -342,6 +353,7 @@ if __name__ == "__main__":
 """
 
 
+@needs_datasets
 def test_datasets_map_hangs_without_tokguard_after_torch(tmp_path: Path) -> None:
     """Control: datasets covers tokenizers, not torch: its workers hang after a forward pass."""
     result, _ = _run(
@@ -350,6 +362,7 @@ def test_datasets_map_hangs_without_tokguard_after_torch(tmp_path: Path) -> None
     assert values(result).get("HUNG") == "1", str(result)
 
 
+@needs_datasets
 def test_datasets_map_finishes_with_tokguard_after_torch(tmp_path: Path) -> None:
     """Guarded: finished; the report names the user's map line, not multiprocess's."""
     result, script = _run(
@@ -363,6 +376,7 @@ def test_datasets_map_finishes_with_tokguard_after_torch(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize("mode", ["warn", "raise"])
+@needs_datasets
 def test_datasets_map_with_parallel_tokenizers_only_is_silent(tmp_path: Path, mode: str) -> None:
     """Precision: datasets sets TOKENIZERS_PARALLELISM=false before forking: no report."""
     control, _ = _run(
@@ -405,12 +419,14 @@ if __name__ == "__main__":
 """
 
 
+@needs_transformers
 def test_pipeline_pool_hangs_without_tokguard(tmp_path: Path, cross_encoder_path: str) -> None:
     """Control: a warmed transformers pipeline hangs fork-Pool children."""
     result, _ = _run(tmp_path, PIPELINE, False, {"MODEL_PATH": cross_encoder_path})
     assert values(result).get("HUNG") == "1", str(result)
 
 
+@needs_transformers
 def test_pipeline_pool_finishes_with_tokguard(tmp_path: Path, cross_encoder_path: str) -> None:
     """Guarded: the children answer; the report names the warm-up and the Pool line."""
     result, script = _run(tmp_path, PIPELINE, True, {"MODEL_PATH": cross_encoder_path})
@@ -523,12 +539,14 @@ def _celery(
     return output, log.read_text()
 
 
+@needs_celery
 def test_celery_prefork_hangs_without_tokguard(tmp_path: Path, redis_server: str) -> None:
     """Control: tasks time out when the task module warmed torch in the main process."""
     output, log = _celery(tmp_path, redis_server, guard=False, timeout=25)
     assert "HUNG=TimeoutError" in output, output + log
 
 
+@needs_celery
 def test_celery_prefork_finishes_with_tokguard(tmp_path: Path, redis_server: str) -> None:
     """Guarded: tasks complete; no line of the user's code forked, so the report says so."""
     output, log = _celery(tmp_path, redis_server, guard=True, timeout=60)
@@ -539,6 +557,7 @@ def test_celery_prefork_finishes_with_tokguard(tmp_path: Path, redis_server: str
     assert "click/decorators.py" not in log
 
 
+@needs_celery
 def test_celery_worker_process_init_recipe_needs_no_tokguard(
     tmp_path: Path, redis_server: str
 ) -> None:
@@ -548,6 +567,7 @@ def test_celery_worker_process_init_recipe_needs_no_tokguard(
 
 
 @pytest.mark.parametrize("pool", ["solo", "threads"])
+@needs_celery
 def test_celery_solo_and_threads_pools_do_not_fork(
     tmp_path: Path, redis_server: str, pool: str
 ) -> None:
