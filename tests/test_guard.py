@@ -769,3 +769,70 @@ def test_warning_points_at_fork_site_in_directory_with_spaces(tmp_path: Path) ->
     data = json.loads(result.stdout.strip().splitlines()[-1])
     _, _, filename, lineno = data["warnings"][0]
     assert (filename, lineno) == (str(script), line_of(WARN_SCRIPT, "FORK_A"))
+
+
+# --- fork sites: found by what a frame's file is ------------------------------------------
+
+FAKELIB = """
+import os
+
+
+def fork_once():
+    pid = os.fork()  # a library forking on its caller's behalf
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+"""
+
+FAKELIB_MAIN = """
+import tokguard
+import fakelib
+from tokguard import _lab
+_lab.train_tokenizer().encode_batch(["a b", "c d"])
+fakelib.fork_once()
+"""
+
+SITE_USER = """
+import tokguard
+import fakelib
+from tokguard import _lab
+_lab.train_tokenizer().encode_batch(["a b", "c d"])
+fakelib.fork_once()  # USER_FORK
+"""
+
+
+def _fake_site_packages(tmp_path: Path) -> Path:
+    site = tmp_path / "lib" / "site-packages"
+    (site / "fakelib").mkdir(parents=True)
+    (site / "fakelib" / "__init__.py").write_text(FAKELIB)
+    (site / "fakelib" / "__main__.py").write_text(FAKELIB_MAIN)
+    return site
+
+
+def test_fork_site_skips_installed_distributions_not_in_any_list(tmp_path: Path) -> None:
+    """A library no list names, installed in a site-packages dir, is skipped: the user's line is named."""
+    site = _fake_site_packages(tmp_path)
+    script = tmp_path / "app.py"
+    result = run_py(
+        SITE_USER,
+        path=script,
+        env={"TOKENIZERS_PARALLELISM": "true", "PYTHONPATH": str(site)},
+    )
+    assert result.returncode == 0, str(result)
+    assert f"saw an unsafe fork at {script}:{line_of(SITE_USER, 'USER_FORK')} in" in result.stderr
+    assert "fakelib/__init__.py" not in result.stderr
+
+
+def test_fork_site_without_user_frame_names_library_and_command(tmp_path: Path) -> None:
+    """No frame of the user's code: the report says so and names the library and the command."""
+    site = _fake_site_packages(tmp_path)
+    result = run_py(
+        "",
+        args=("-m", "fakelib", "--flag"),
+        path=tmp_path / "unused.py",
+        env={"TOKENIZERS_PARALLELISM": "true", "PYTHONPATH": str(site)},
+    )
+    assert result.returncode == 0, str(result)
+    assert (
+        "saw an unsafe fork at no line of your own code (fakelib forked, in `python -m fakelib"
+    ) in result.stderr, result.stderr

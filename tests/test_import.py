@@ -112,17 +112,18 @@ def test_late_import_instruments_at_once() -> None:
 
 
 def test_torch_instrumented_when_imported() -> None:
-    """torch imported after tokguard gets its nn.Module call wrapper."""
+    """torch imported after tokguard gets its nn.Module call and matmul wrappers."""
     pytest.importorskip("torch")
     code = """
     import tokguard
     import torch
-    from tokguard import _instrument
-    print("WRAPPED=%s" % (torch.nn.Module._call_impl is not _instrument._original_call_impl))
+    print("WRAPPED=%s" % hasattr(torch.nn.Module._call_impl, "__wrapped__"))
+    print("MATMUL=%s" % hasattr(torch.Tensor.__matmul__, "__wrapped__"))
     """
     result = run_py(code, timeout=180)
     assert result.returncode == 0, str(result)
     assert values(result)["WRAPPED"] == "True"
+    assert values(result)["MATMUL"] == "True"
 
 
 def test_import_failure_of_a_hooked_module_propagates() -> None:

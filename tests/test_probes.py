@@ -321,3 +321,50 @@ def test_failing_probe_reported_once_and_fork_goes_on() -> None:
     message = "tokguard: internal error in probe broken, ignored: KeyError('probe bug')"
     assert result.stderr.count(message) == 1, str(result)
     assert result.stderr.count("UnsafeForkWarning") == 1, str(result)
+
+
+def test_spin_policy_reads_the_settings_that_keep_libgomp_spinning() -> None:
+    """OMP_WAIT_POLICY=active or a huge/infinite GOMP_SPINCOUNT spin; an explicit small count wins."""
+    code = """
+    import os
+    from tokguard import _threads
+    cases = [
+        ({}, None),
+        ({"OMP_WAIT_POLICY": "ACTIVE"}, "OMP_WAIT_POLICY=ACTIVE"),
+        ({"OMP_WAIT_POLICY": "passive"}, None),
+        ({"GOMP_SPINCOUNT": "infinite"}, "GOMP_SPINCOUNT=infinite"),
+        ({"GOMP_SPINCOUNT": "300000000000"}, "GOMP_SPINCOUNT=300000000000"),
+        ({"OMP_WAIT_POLICY": "active", "GOMP_SPINCOUNT": "1000"}, None),
+    ]
+    for env, expected in cases:
+        for key in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+            os.environ.pop(key, None)
+        os.environ.update(env)
+        got = _threads.spin_policy()
+        print("CASE%d=%s" % (cases.index((env, expected)), got == expected))
+    """
+    result = run_py(code, guard=True)
+    assert result.returncode == 0, str(result)
+    assert set(values(result).values()) == {"True"}, str(result)
+
+
+@pytest.mark.parametrize("policy", ["PASSIVE", "ACTIVE"])
+def test_bare_tensor_op_is_found_under_both_wait_policies(policy: str) -> None:
+    """q @ E.T alone (no module call) is a hazard whose first use is recorded, spinning or not."""
+    pytest.importorskip("torch")
+    code = """
+    import torch
+    torch.set_num_threads(2)
+    E, q = torch.randn(4000, 256), torch.randn(64, 256)
+    torch.topk(q @ E.T, 5)
+    hazards = tokguard.hazards()
+    print("POOLS=%s" % [h.pool for h in hazards])
+    print("FIRST=%s" % (hazards[0].first_use if hazards else None))
+    print("AGAIN=%s" % [h.pool for h in tokguard.hazards()])  # the spinning thread is remembered
+    """
+    result = run_py(code, guard=True, env={"OMP_WAIT_POLICY": policy}, timeout=180)
+    assert result.returncode == 0, str(result)
+    got = values(result)
+    assert got["POOLS"] == "['torch-openmp']", str(result)
+    assert got["AGAIN"] == "['torch-openmp']", str(result)
+    assert got["FIRST"].startswith("<string>:"), str(result)

@@ -17,7 +17,7 @@ import os
 import sys
 from types import FunctionType  # loaded at interpreter start anyway (site imports it)
 
-from . import _config, _env, _instrument, _probes, _report, _sites, _threads
+from . import _config, _env, _forkers, _instrument, _probes, _report, _sites, _threads
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -41,7 +41,10 @@ def _judge(refusable: bool, depth: int) -> _report.ForkReport | None:
     hazards, census = _probes.assess()
     if not hazards:
         return None
-    notes: list[str] = []
+    # What the forking library makes safe itself is neither reported nor repaired.
+    hazards, notes = _forkers.split(hazards, depth + 1)
+    if not hazards:
+        return None
     for provider in note_providers:
         try:
             notes.extend(provider())

@@ -284,34 +284,69 @@ def _has_native_threads() -> bool:
 
 # --- torch ------------------------------------------------------------------------------
 
-_original_call_impl: Callable[..., Any] | None = None
+_torch_restores: list[Callable[[], None]] = []  # put back what instrument_torch replaced
+
+# Bare tensor ops that start the pool in retrieval code (``torch.topk(q @ E.T, k)``), beside
+# module calls. Each is a Python-level attribute, so a wrapper costs one call (~0.3 us) and
+# nothing once a multi-threaded call was seen; every other op (topk alone, sum, conv...)
+# is not seen: a C-level dispatch hook would tax every op, and the census finds the pool
+# regardless of where it started.
+TENSOR_ENTRY_POINTS = ("matmul", "mm", "bmm", "einsum")
+TENSOR_METHODS = ("__matmul__", "__rmatmul__")
+
+
+def _record_torch_first_use() -> None:
+    """The first multi-threaded call: name it, then put every original back."""
+    _probes.torch_first_use = _sites.user_site(_sites.POOL_LIBRARIES, depth=2) or _probes.UNRECORDED
+    while _torch_restores:
+        _torch_restores.pop()()
+
+
+def _replace(owner: Any, name: str, make: Callable[[Any], Any]) -> None:
+    original = getattr(owner, name, None)
+    if original is None:
+        return
+    # Tensor.__matmul__ is inherited from the C base class: restore by deleting ours.
+    own = name in vars(owner)
+    setattr(owner, name, make(original))
+
+    def restore() -> None:
+        if own:
+            setattr(owner, name, original)
+        else:
+            delattr(owner, name)
+
+    _torch_restores.append(restore)
 
 
 def instrument_torch(module: ModuleType) -> None:
-    """Name the model call that first ran torch multi-threaded, for the report.
+    """Name the model call or matmul that first ran torch multi-threaded, for the report.
 
-    Only ``nn.Module`` calls are seen (a bare matmul is not): that is where services run
-    their pools. The wrapper removes itself after the first multi-threaded call; where torch
-    always runs at one thread (``OMP_NUM_THREADS=1``) it stays, at about 0.35 us per module
-    call, a fraction of a percent of a forward pass. The pool itself is detected by the
-    thread census regardless.
+    ``nn.Module`` calls, ``torch.matmul``/``mm``/``bmm``/``einsum`` and the ``@`` operator
+    are seen. The wrappers remove themselves at the first multi-threaded call; where torch
+    always runs at one thread (``OMP_NUM_THREADS=1``) they stay, at about 0.35 us per call.
+    The pool itself is found by the thread census, whichever op started it.
     """
-    global _original_call_impl
     module_cls = module.nn.Module
-    if _original_call_impl is not None or not hasattr(module_cls, "_call_impl"):
+    if _torch_restores or _probes.torch_first_use is not None:
         return
-    original = module_cls._call_impl
-    _original_call_impl = original
     get_num_threads = module.get_num_threads
 
-    @_wraps(original)
-    def _call_impl(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if _probes.torch_first_use is None and get_num_threads() > 1:
-            _probes.torch_first_use = _sites.user_site(_sites.POOL_LIBRARIES) or _probes.UNRECORDED
-            module_cls._call_impl = original
-        return original(self, *args, **kwargs)
+    def watch(original: Any) -> Any:
+        @_wraps(original)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if _probes.torch_first_use is None and get_num_threads() > 1:
+                _record_torch_first_use()
+            return original(*args, **kwargs)
 
-    module_cls._call_impl = _call_impl
+        return wrapper
+
+    if hasattr(module_cls, "_call_impl"):
+        _replace(module_cls, "_call_impl", watch)
+    for name in TENSOR_ENTRY_POINTS:
+        _replace(module, name, watch)
+    for name in TENSOR_METHODS:
+        _replace(module.Tensor, name, watch)
 
 
 def install() -> None:

@@ -24,7 +24,7 @@ rayon_maybe_started = False
 tokio_first_use: str | None = None
 """Set on the first ``async_*`` tokenizers call: it starts a global tokio runtime."""
 torch_first_use: str | None = None
-"""Set on the first ``nn.Module`` call made while torch had more than one thread."""
+"""Set on the first ``nn.Module`` call or matmul made while torch had more than one thread."""
 
 UNRECORDED = "not recorded"
 
@@ -145,24 +145,44 @@ def _torch(census: _threads.Census | None) -> Hazard | None:
                 f"{workers} GNU OpenMP worker thread(s) of torch are alive and "
                 f"torch.get_num_threads() is {threads}"
             )
-        elif census.busy and torch_first_use is not None:
-            evidence = (
-                f"{census.busy} native thread(s) were busy at the fork and a model ran with "
-                f"{threads} threads"
-            )
         else:
-            return None
+            spinning = _spinning_workers(census.busy, threads) if census.busy else None
+            if spinning is None:
+                return None
+            evidence = spinning
     elif torch_first_use is not None:
-        evidence = f"a model ran with torch.get_num_threads() = {threads}"
+        evidence = f"a model or matmul ran with torch.get_num_threads() = {threads}"
     else:
         return None
     return Hazard(
         "torch-openmp",
         "torch intra-op pool (GNU OpenMP)",
         evidence,
-        torch_first_use or "not recorded (only nn.Module calls are seen; a bare tensor op is not)",
+        torch_first_use
+        or "not recorded (tokguard sees nn.Module calls and matmuls; another tensor op started it)",
         "torch.set_num_threads(1) in the child: it runs torch single-threaded",
     )
+
+
+def _spinning_workers(busy: int, threads: int) -> str | None:
+    """Evidence for a team whose workers never block, so show no pointer into libgomp.
+
+    Threads that kept running through the whole settle window are GNU OpenMP workers
+    spinning when libgomp was told to spin (``OMP_WAIT_POLICY=ACTIVE``), or when a
+    multi-threaded tensor op was seen; on their own they could be any busy native thread.
+    """
+    policy = _threads.spin_policy()
+    if policy is not None:
+        return (
+            f"{busy} native thread(s) kept spinning through the fork check, as GNU OpenMP "
+            f"workers do under {policy}, and torch.get_num_threads() is {threads}"
+        )
+    if torch_first_use is not None:
+        return (
+            f"{busy} native thread(s) were busy at the fork and a tensor op ran with "
+            f"{threads} threads"
+        )
+    return None
 
 
 def _other_openmp(census: _threads.Census | None) -> Hazard | None:

@@ -14,6 +14,13 @@ says nothing. There, and where /proc or the syscall file cannot be read (a harde
 kernel), ``census()`` returns None and the probes fall back on what the
 instrumentation recorded. Each thread is classified once and cached by thread id, so a
 fork costs a directory listing plus one small read per new thread.
+
+A worker that is running shows no pointer ("running"). libgomp's idle workers spin for a
+moment before they block, so the census waits a few milliseconds for them to settle; under
+``OMP_WAIT_POLICY=ACTIVE`` they spin for good. Threads still running after the window are
+counted as ``busy`` and remembered, so a later fork does not wait for them again; the
+probe decides with other evidence (the wait policy, a recorded first use) whether they are
+an OpenMP team.
 """
 
 from __future__ import annotations
@@ -36,8 +43,15 @@ _OPENMP_RUNTIMES = ("libgomp", "libomp", "libiomp")
 
 _ranges: list[tuple[int, int, str]] = []  # executable mappings of OpenMP runtimes
 _classified: dict[int, str | None] = {}  # tid -> OpenMP library path, or None
+_spinning: set[int] = set()  # tids that kept running through a whole settle window
 _SETTLE_TRIES = 30
 _SETTLE_WAIT = 0.001
+_SETTLE_TRIES_SPINNING = 3
+
+# Values of OMP_WAIT_POLICY / GOMP_SPINCOUNT under which libgomp's idle workers spin (for
+# minutes or for ever) instead of blocking in a futex, so they never show a pointer.
+# libgomp/env.c: "active" makes the default spin count 300 billion.
+_SPIN_LIMIT = 10**9
 
 
 class Census:
@@ -53,7 +67,8 @@ class Census:
         self.openmp = openmp
         """OpenMP library path -> number of its worker threads alive now."""
         self.busy = busy
-        """Native threads that kept running, so could not be classified."""
+        """Native threads that kept running through the settle window, so could not be
+        classified: GNU OpenMP workers under ``OMP_WAIT_POLICY=ACTIVE`` look like this."""
 
     @property
     def native_threads(self) -> int:
@@ -127,6 +142,26 @@ def _classify(tid: int, reload_ranges: list[bool]) -> tuple[bool, str | None]:
     return True, library
 
 
+def spin_policy() -> str | None:
+    """``NAME=value`` of the setting that keeps GNU OpenMP workers spinning, or None.
+
+    libgomp reads these once, when it is loaded; a process rarely changes them later, and
+    the value read now is the best evidence left.
+    """
+    policy = os.environ.get("OMP_WAIT_POLICY", "")
+    count = os.environ.get("GOMP_SPINCOUNT", "")
+    if count:
+        spins = count.strip().lower()
+        if spins in ("infinite", "infinity"):
+            return f"GOMP_SPINCOUNT={count}"
+        if spins.isdigit():
+            # An explicit count wins over the policy: a small one lets workers block.
+            return f"GOMP_SPINCOUNT={count}" if int(spins) >= _SPIN_LIMIT else None
+    if policy.strip().lower() == "active":
+        return f"OMP_WAIT_POLICY={policy}"
+    return None
+
+
 def python_thread_ids() -> set[int]:
     threading = sys.modules.get("threading")
     if threading is None:
@@ -148,11 +183,19 @@ def census() -> Census | None:
     for tid in list(_classified):
         if tid not in alive:
             del _classified[tid]
+    _spinning.intersection_update(alive)
     reload_ranges = [True]
     pending = [tid for tid in tids if tid not in known and tid not in _classified]
     # OpenMP workers spin for a moment after a parallel region before they block; a few
-    # short rounds (one sleep each, for all of them at once) let them settle.
-    for attempt in range(_SETTLE_TRIES + 1):
+    # short rounds (one sleep each, for all of them at once) let them settle. A thread
+    # that already ran through a whole window at an earlier fork and still runs is not
+    # waited for again: under OMP_WAIT_POLICY=ACTIVE that is a worker spinning for good,
+    # and waiting for it would cost every fork the whole window.
+    spun: list[int] = []
+    # Where libgomp was told to spin, its workers will not settle: a few rounds let other
+    # threads settle, and the whole window would only delay the fork.
+    tries = _SETTLE_TRIES_SPINNING if pending and spin_policy() else _SETTLE_TRIES
+    for attempt in range(tries + 1):
         if attempt:
             time.sleep(_SETTLE_WAIT)
         running = []
@@ -160,12 +203,16 @@ def census() -> Census | None:
             settled, library = _classify(tid, reload_ranges)
             if settled:
                 _classified[tid] = library
+                _spinning.discard(tid)
+            elif tid in _spinning and not attempt:
+                spun.append(tid)
             else:
                 running.append(tid)
         pending = running
         if not pending:
             break
-    busy = len(pending)
+    _spinning.update(pending)
+    busy = len(pending) + len(spun)
     for tid in tids:
         library = _classified.get(tid)
         if tid not in known and library:
@@ -178,3 +225,4 @@ def census() -> Census | None:
 def forget() -> None:
     """Child side of a fork: no thread of the parent exists here any more."""
     _classified.clear()
+    _spinning.clear()
