@@ -10,34 +10,19 @@ finished ``ok`` was not killed early.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-from conftest import TOKGUARD_DIR, run_py
+from conftest import run_py, watchdog
 
 DEADLINE = 60.0  # the outer bound of the "hung" cases: far beyond any recognition
 WAIT = 1.5  # how long the healthy children busy-loop, sleep or wait before finishing
 
 
-def _load_watchdog() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "_tg_watchdog_test", os.path.join(TOKGUARD_DIR, "_watchdog.py")
-    )
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-wd = _load_watchdog()
+wd = watchdog
 
 
 def watched(
@@ -246,3 +231,14 @@ def test_blocked_state_of_a_running_or_missing_process_is_none(tmp_path: Path) -
     """This process is running, a dead pid has no /proc entry: neither is stuck."""
     assert wd.blocked_state(os.getpid()) is None
     assert wd.blocked_state(2**22 + 12345) is None
+
+
+def test_run_py_recognises_a_hung_interpreter() -> None:
+    """The suite's own run_py stops an interpreter that deadlocked, long before its deadline."""
+    result = run_py(
+        "import threading\nlock = threading.Lock()\nlock.acquire()\nprint('stuck', flush=True)\nlock.acquire()\n",
+        timeout=DEADLINE,
+    )
+    assert result.returncode == -9, str(result)
+    assert "stuck" in result.stdout
+    assert "[run_py: hung (every thread blocked in a futex wait), killed after" in result.stderr

@@ -607,6 +607,7 @@ def main(argv: list[str] | None = None) -> int:
         "ok": outcome["ok"],
         "failed": outcome["failed"],
         "hung": outcome["hung"],
+        "recognised": outcome.get("recognised", 0),
         "refused": outcome["refused"],
         "elapsed": round(outcome["elapsed"], 3),
         "child_errors": outcome["errors"],

@@ -2,7 +2,10 @@
 
     python server_pool.py pool|dataloader [--guard] [--tasks N] [--timeout S]
 
-Prints one JSON line: {"ok": answered tasks, "hung": unanswered ones, "errors": [...]}.
+Prints one JSON line: {"ok": answered tasks, "hung": unanswered ones, "errors": [...],
+"recognised": whether the wait ended because every worker was recognised hung}. tokguard's
+watchdog (loaded by file path, so an unguarded run stays unguarded) ends the wait as soon as
+every worker is stuck in a futex wait at 0 % CPU; ``--timeout`` is the outer bound.
 ``--guard`` imports tokguard first, as an application's first line would. The environment
 is set here, before any import, the way a shell would set it.
 
@@ -16,11 +19,14 @@ is set here, before any import, the way a shell would set it.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import signal
 import sys
+import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 args_ = argparse.ArgumentParser()
 args_.add_argument("kind", choices=["pool", "dataloader"])
@@ -39,6 +45,36 @@ import server_model  # noqa: E402
 MODEL: Any = None
 
 
+def _load_watchdog() -> Any:
+    spec = importlib.util.find_spec("tokguard")  # finds the package without running it
+    assert spec is not None
+    assert spec.submodule_search_locations is not None
+    path = os.path.join(next(iter(spec.submodule_search_locations)), "_watchdog.py")
+    wd_spec = importlib.util.spec_from_file_location("_server_pool_watchdog", path)
+    assert wd_spec is not None
+    assert wd_spec.loader is not None
+    module = importlib.util.module_from_spec(wd_spec)
+    sys.modules[wd_spec.name] = module
+    wd_spec.loader.exec_module(module)
+    return module
+
+
+watchdog = _load_watchdog()
+
+
+class AllHung:
+    """True once every worker (pids from ``workers()``) is recognised stuck."""
+
+    def __init__(self, workers: Callable[[], list[int]]) -> None:
+        self.workers = workers
+        self.monitors: dict[int, Any] = {}
+
+    def __call__(self) -> bool:
+        pids = self.workers()
+        hung = [self.monitors.setdefault(p, watchdog.HangMonitor(p)).hung() for p in pids]
+        return bool(pids) and all(hung)
+
+
 def task(i: int) -> float:
     return server_model.score(MODEL, f"query {i}")
 
@@ -46,22 +82,43 @@ def task(i: int) -> float:
 def run_pool() -> dict[str, Any]:
     import multiprocessing
 
-    ok, errors = 0, []
+    ok, errors, recognised = 0, [], False
     deadline = time.monotonic() + ARGS.timeout
     pool = multiprocessing.get_context("fork").Pool(2)
+    all_hung = AllHung(lambda: [w.pid for w in pool._pool])  # type: ignore[attr-defined]
     try:
         results = pool.imap_unordered(task, range(ARGS.tasks))
-        for _ in range(ARGS.tasks):
+        while ok < ARGS.tasks:
             try:
-                results.next(timeout=max(0.0, deadline - time.monotonic()))
+                results.next(timeout=0.1)
                 ok += 1
             except multiprocessing.TimeoutError:
-                errors.append(f"no answer within {ARGS.timeout:g} s")
-                break
+                if all_hung():
+                    recognised = True
+                    errors.append("every worker hung: stuck in a futex wait at 0 % CPU")
+                    break
+                if time.monotonic() >= deadline:
+                    errors.append(f"no answer within {ARGS.timeout:g} s")
+                    break
     finally:
         pool.terminate()  # SIGTERM: a worker blocked in a futex dies too
         pool.join()
-    return {"ok": ok, "hung": ARGS.tasks - ok, "errors": errors}
+    return {"ok": ok, "hung": ARGS.tasks - ok, "errors": errors, "recognised": recognised}
+
+
+class WorkersHung(Exception):
+    """Raised in the main thread, by a signal, when every worker is recognised hung."""
+
+
+def _interrupt_when(all_hung: AllHung, stop: threading.Event) -> None:
+    while not stop.wait(0.05):
+        if all_hung():
+            os.kill(os.getpid(), signal.SIGUSR1)  # wakes the main thread's blocked get()
+            return
+
+
+def _raise_workers_hung(signum: int, frame: object) -> None:
+    raise WorkersHung("every worker hung: stuck in a futex wait at 0 % CPU")
 
 
 def run_dataloader() -> dict[str, Any]:
@@ -84,20 +141,33 @@ def run_dataloader() -> dict[str, Any]:
     loader = DataLoader(
         Pairs(), batch_size=1, num_workers=2, timeout=ARGS.timeout, multiprocessing_context="fork"
     )
-    ok, errors = 0, []
+    ok, errors, recognised = 0, [], False
     iterator = iter(loader)
+    workers = getattr(iterator, "_workers", [])
+    stop = threading.Event()
+    signal.signal(signal.SIGUSR1, _raise_workers_hung)
+    watcher = threading.Thread(
+        target=_interrupt_when, args=(AllHung(lambda: [w.pid for w in workers]), stop)
+    )
+    watcher.start()
     try:
         for _ in iterator:
             ok += 1
+    except WorkersHung as exc:
+        recognised = True
+        errors.append(str(exc))
     except RuntimeError as exc:  # "DataLoader timed out after N seconds"
         errors.append(str(exc)[:300])
     finally:
+        stop.set()
+        watcher.join()
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # a late signal must not kill the run
         # Kill hung workers first: the iterator's own shutdown waits for them.
         for worker in getattr(iterator, "_workers", []):
             if worker.is_alive():
                 worker.kill()
         del iterator
-    return {"ok": ok, "hung": ARGS.tasks - ok, "errors": errors}
+    return {"ok": ok, "hung": ARGS.tasks - ok, "errors": errors, "recognised": recognised}
 
 
 if __name__ == "__main__":
