@@ -39,9 +39,17 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Iterable
 from typing import Callable, NamedTuple
 
-__all__ = ["SETTLE", "HangMonitor", "WatchResult", "blocked_state", "fork_and_watch"]
+__all__ = [
+    "SETTLE",
+    "HangMonitor",
+    "PoolMonitor",
+    "WatchResult",
+    "blocked_state",
+    "fork_and_watch",
+]
 
 _ERROR_BYTES = 400  # one short line per failed child; stays below PIPE_BUF
 
@@ -168,6 +176,26 @@ class HangMonitor:
             self._state, self._since = state, now
             return False
         return now - self._since >= self.settle
+
+
+class PoolMonitor:
+    """``hung()`` turns True once every worker of a pool is hung (and there is one).
+
+    For waits on a pool's answer (``multiprocessing.Pool``, a DataLoader): when
+    every worker is stuck, no answer can come.  ``workers()`` is asked for the
+    pids at every call, because pools replace and add workers.
+    """
+
+    def __init__(self, workers: Callable[[], Iterable[int]], settle: float = SETTLE) -> None:
+        self.workers = workers
+        self.settle = settle
+        self._monitors: dict[int, HangMonitor] = {}
+
+    def hung(self) -> bool:
+        pids = list(self.workers())
+        # Every monitor is updated on every call: each one's window runs on its own.
+        verdicts = [self._monitors.setdefault(p, HangMonitor(p, self.settle)).hung() for p in pids]
+        return bool(verdicts) and all(verdicts)
 
 
 class WatchResult(NamedTuple):

@@ -4,8 +4,8 @@
 
 Prints one JSON line: {"ok": answered tasks, "hung": unanswered ones, "errors": [...],
 "recognised": whether the wait ended because every worker was recognised hung}. tokguard's
-watchdog (loaded by file path, so an unguarded run stays unguarded) ends the wait as soon as
-every worker is stuck in a futex wait at 0 % CPU; ``--timeout`` is the outer bound.
+watchdog (loaded by file path, so an unguarded run stays unguarded) ends the wait once every
+worker is stuck in a futex wait at 0 % CPU; ``--timeout`` is the outer bound.
 ``--guard`` imports tokguard first, as an application's first line would. The environment
 is set here, before any import, the way a shell would set it.
 
@@ -22,11 +22,9 @@ import argparse
 import importlib.util
 import json
 import os
-import signal
 import sys
-import threading
 import time
-from typing import Any, Callable
+from typing import Any
 
 args_ = argparse.ArgumentParser()
 args_.add_argument("kind", choices=["pool", "dataloader"])
@@ -43,6 +41,7 @@ if ARGS.guard:
 import server_model  # noqa: E402
 
 MODEL: Any = None
+STUCK = "every worker hung: stuck in a futex wait at 0 % CPU"
 
 
 def _load_watchdog() -> Any:
@@ -62,19 +61,6 @@ def _load_watchdog() -> Any:
 watchdog = _load_watchdog()
 
 
-class AllHung:
-    """True once every worker (pids from ``workers()``) is recognised stuck."""
-
-    def __init__(self, workers: Callable[[], list[int]]) -> None:
-        self.workers = workers
-        self.monitors: dict[int, Any] = {}
-
-    def __call__(self) -> bool:
-        pids = self.workers()
-        hung = [self.monitors.setdefault(p, watchdog.HangMonitor(p)).hung() for p in pids]
-        return bool(pids) and all(hung)
-
-
 def task(i: int) -> float:
     return server_model.score(MODEL, f"query {i}")
 
@@ -85,7 +71,7 @@ def run_pool() -> dict[str, Any]:
     ok, errors, recognised = 0, [], False
     deadline = time.monotonic() + ARGS.timeout
     pool = multiprocessing.get_context("fork").Pool(2)
-    all_hung = AllHung(lambda: [w.pid for w in pool._pool])  # type: ignore[attr-defined]
+    workers = watchdog.PoolMonitor(lambda: [w.pid for w in pool._pool])  # type: ignore[attr-defined]
     try:
         results = pool.imap_unordered(task, range(ARGS.tasks))
         while ok < ARGS.tasks:
@@ -93,9 +79,9 @@ def run_pool() -> dict[str, Any]:
                 results.next(timeout=0.1)
                 ok += 1
             except multiprocessing.TimeoutError:
-                if all_hung():
+                if workers.hung():
                     recognised = True
-                    errors.append("every worker hung: stuck in a futex wait at 0 % CPU")
+                    errors.append(STUCK)
                     break
                 if time.monotonic() >= deadline:
                     errors.append(f"no answer within {ARGS.timeout:g} s")
@@ -104,21 +90,6 @@ def run_pool() -> dict[str, Any]:
         pool.terminate()  # SIGTERM: a worker blocked in a futex dies too
         pool.join()
     return {"ok": ok, "hung": ARGS.tasks - ok, "errors": errors, "recognised": recognised}
-
-
-class WorkersHung(Exception):
-    """Raised in the main thread, by a signal, when every worker is recognised hung."""
-
-
-def _interrupt_when(all_hung: AllHung, stop: threading.Event) -> None:
-    while not stop.wait(0.05):
-        if all_hung():
-            os.kill(os.getpid(), signal.SIGUSR1)  # wakes the main thread's blocked get()
-            return
-
-
-def _raise_workers_hung(signum: int, frame: object) -> None:
-    raise WorkersHung("every worker hung: stuck in a futex wait at 0 % CPU")
 
 
 def run_dataloader() -> dict[str, Any]:
@@ -138,30 +109,33 @@ def run_dataloader() -> dict[str, Any]:
             )
             return torch.tensor(features["input_ids"].shape)
 
+    # A short per-batch timeout, retried: between two tries, the watchdog looks at the workers.
     loader = DataLoader(
-        Pairs(), batch_size=1, num_workers=2, timeout=ARGS.timeout, multiprocessing_context="fork"
+        Pairs(), batch_size=1, num_workers=2, timeout=0.2, multiprocessing_context="fork"
     )
     ok, errors, recognised = 0, [], False
+    deadline = time.monotonic() + ARGS.timeout
     iterator = iter(loader)
-    workers = getattr(iterator, "_workers", [])
-    stop = threading.Event()
-    signal.signal(signal.SIGUSR1, _raise_workers_hung)
-    watcher = threading.Thread(
-        target=_interrupt_when, args=(AllHung(lambda: [w.pid for w in workers]), stop)
-    )
-    watcher.start()
+    processes = getattr(iterator, "_workers", [])
+    workers = watchdog.PoolMonitor(lambda: [w.pid for w in processes])
     try:
-        for _ in iterator:
-            ok += 1
-    except WorkersHung as exc:
-        recognised = True
-        errors.append(str(exc))
-    except RuntimeError as exc:  # "DataLoader timed out after N seconds"
-        errors.append(str(exc)[:300])
+        while True:
+            try:
+                next(iterator)
+                ok += 1
+            except StopIteration:  # the loader shut its workers down itself
+                break
+            except RuntimeError as exc:  # "DataLoader timed out after 0.2 seconds"
+                if "timed out" not in str(exc):
+                    raise
+                if workers.hung():
+                    recognised = True
+                    errors.append(STUCK)
+                    break
+                if time.monotonic() >= deadline:
+                    errors.append(f"no batch within {ARGS.timeout:g} s")
+                    break
     finally:
-        stop.set()
-        watcher.join()
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # a late signal must not kill the run
         # Kill hung workers first: the iterator's own shutdown waits for them.
         for worker in getattr(iterator, "_workers", []):
             if worker.is_alive():
