@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -242,3 +244,22 @@ def test_run_py_recognises_a_hung_interpreter() -> None:
     assert result.returncode == -9, str(result)
     assert "stuck" in result.stdout
     assert "[run_py: hung (every thread blocked in a futex wait), killed after" in result.stderr
+
+
+def test_check_recognises_an_import_that_hangs(tmp_path: Path) -> None:
+    """`tokguard check` stops an app whose import deadlocked, long before --timeout."""
+    (tmp_path / "stuck.py").write_text(
+        "import threading\nlock = threading.Lock()\nlock.acquire()\nlock.acquire()\napp = None\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "tokguard", "check", "stuck:app", "--timeout", str(DEADLINE)],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=DEADLINE + 60,
+    )
+    assert proc.returncode == 4, proc.stdout + proc.stderr  # EXIT_TIMEOUT: the import never ends
+    output = proc.stdout + proc.stderr
+    assert "importing 'stuck:app' hung: after" in output, output
+    assert "stopped without waiting for --timeout" in output
