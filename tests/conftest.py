@@ -188,16 +188,40 @@ def values(result: Result) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def cross_encoder_path(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A tiny BERT CrossEncoder saved locally, built in a fresh interpreter (needs torch)."""
+    """A tiny BERT CrossEncoder saved locally, built in a fresh interpreter (needs torch).
+
+    Built once per run: under pytest-xdist the workers share one copy (the first builds it
+    under a file lock in the run's common temporary directory, the others wait and reuse it).
+    """
     pytest.importorskip("torch")
     pytest.importorskip("sentence_transformers")
-    path = str(tmp_path_factory.mktemp("cross-encoder"))
-    result = run_py(
-        f"from tokguard._lab import build_cross_encoder\nbuild_cross_encoder({path!r})\n",
-        timeout=300,
+    import fcntl
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # common to every worker of this run
+    path = root / "cross-encoder"
+    with open(root / "cross-encoder.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (path / "BUILT").exists():
+            path.mkdir(exist_ok=True)
+            result = run_py(
+                f"from tokguard._lab import build_cross_encoder\nbuild_cross_encoder({str(path)!r})\n",
+                timeout=300,
+            )
+            assert result.returncode == 0, str(result)
+            (path / "BUILT").touch()
+    return str(path)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests (servers, models) first: pytest-xdist then ends on short tests, not a long tail."""
+    items.sort(
+        key=lambda item: (
+            item.get_closest_marker("slow") is None,
+            "cross_encoder_path" not in getattr(item, "fixturenames", ()),
+        )
     )
-    assert result.returncode == 0, str(result)
-    return path
 
 
 def line_of(source: str, marker: str) -> int:
