@@ -10,16 +10,18 @@ Waiting out the deadline is slow, so the parent also *recognises* a hang
 process-private futex wait, with no CPU progress for ``SETTLE`` seconds, is hung.
 Nothing can end such a wait but a signal: a private futex can only be woken by
 a thread of the same process, and every one of them is itself waiting.  That
-is what a dead OpenMP barrier, rayon latch or tokio park looks like, and a
+is what a wait on a dead OpenMP barrier or rayon latch looks like, and on a
 pure-Python lock whose owner did not survive the fork too.  It is not what a
 busy child (CPU progress), a sleeping one (``clock_nanosleep``), a child
 reading a pipe or a socket, waiting for its own child, waiting with a timeout
 (``queue.get(timeout=...)``, CPython's GIL hand-off), or waiting on a
 process-shared lock (``multiprocessing``) looks like: those are left to the
-deadline.  Two hangs are only caught by the deadline: OpenMP workers that spin
-(``OMP_WAIT_POLICY=ACTIVE``: hung at 100 % CPU) and a thread that holds the GIL
-while it waits (the others poll for the GIL with a timeout).  Where ``/proc``
-cannot be read (another OS, a restricted ``/proc``), the deadline alone decides.
+deadline.  So are three kinds of hang: OpenMP workers that spin
+(``OMP_WAIT_POLICY=ACTIVE``: hung at 100 % CPU), an event loop waiting in
+``epoll_wait`` for an answer from a thread that did not survive the fork
+(hang-table row 9), and a thread that holds the GIL while it waits (the others
+poll for the GIL with a timeout).  Where ``/proc`` cannot be read (another OS,
+a restricted ``/proc``), the deadline alone decides.
 
 All children are started first and then share one deadline: the total time is
 bounded by ``timeout`` (plus reaping), however many forks hang, and every child
