@@ -139,7 +139,7 @@ def run_py(
         start_new_session=True,
     )
     monitor = watchdog.HangMonitor(proc.pid)
-    deadline = time.monotonic() + timeout
+    start = time.monotonic()
     try:
         while True:
             try:
@@ -150,11 +150,11 @@ def run_py(
             # The interpreter itself stuck (every thread in a futex wait, no CPU): waiting
             # longer cannot change anything, so stop now instead of at the deadline.
             hung = monitor.hung()
-            if hung or time.monotonic() >= deadline:
+            if hung or time.monotonic() - start >= timeout:
                 _kill_group(proc.pid)
                 out, err = proc.communicate()
                 why = "hung (every thread blocked in a futex wait)" if hung else "timeout"
-                waited = timeout - (deadline - time.monotonic())
+                waited = time.monotonic() - start
                 return Result(-9, out, err + f"\n[run_py: {why}, killed after {waited:.1f} s]")
     finally:
         _kill_group(proc.pid)
