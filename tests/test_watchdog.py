@@ -24,11 +24,12 @@ DEADLINE = 60.0  # the outer bound of the "hung" cases: far beyond any recogniti
 WAIT = 1.0  # how long the healthy children busy-loop, sleep or wait: over 3 settle windows
 
 
-wd = watchdog
-
-
 def watched(
-    setup: str, child: str, forks: int = 2, timeout: float = DEADLINE, **kw: object
+    setup: str,
+    child: str,
+    forks: int = 2,
+    timeout: float = DEADLINE,
+    env: dict[str, str] | None = None,
 ) -> dict:
     """Run ``setup`` in a fresh interpreter, then ``fork_and_watch(child)``; its result as a dict."""
     code = f"""
@@ -37,7 +38,7 @@ import json, os, threading, time
 result = _watchdog.fork_and_watch({child}, {forks}, {timeout})
 print("WATCH " + json.dumps(result._asdict()), flush=True)
 """
-    result = run_py(code, guard=False, timeout=timeout + 120, **kw)  # type: ignore[arg-type]
+    result = run_py(code, guard=False, timeout=timeout + 120, env=env)
     lines = [line for line in result.stdout.splitlines() if line.startswith("WATCH ")]
     assert result.returncode == 0, str(result)
     assert lines, str(result)
@@ -200,7 +201,7 @@ def test_unreadable_proc_falls_back_to_the_deadline() -> None:
 
 # --- the evidence, line by line --------------------------------------------------------------
 
-FUTEX = min(wd._FUTEX) if wd._FUTEX else 202
+FUTEX = min(watchdog._FUTEX) if watchdog._FUTEX else 202
 
 
 @pytest.mark.parametrize(
@@ -225,15 +226,15 @@ FUTEX = min(wd._FUTEX) if wd._FUTEX else 202
 )
 def test_futex_wait_evidence(line: str, stuck: bool) -> None:
     """Only an untimed, private futex wait counts as stuck."""
-    if not wd._FUTEX:
+    if not watchdog._FUTEX:
         pytest.skip(f"no futex syscall number known for {os.uname().machine}")
-    assert wd._untimed_private_futex_wait(line) is stuck
+    assert watchdog._untimed_private_futex_wait(line) is stuck
 
 
-def test_blocked_state_of_a_running_or_missing_process_is_none(tmp_path: Path) -> None:
+def test_blocked_state_of_a_running_or_missing_process_is_none() -> None:
     """This process is running, a dead pid has no /proc entry: neither is stuck."""
-    assert wd.blocked_state(os.getpid()) is None
-    assert wd.blocked_state(2**22 + 12345) is None
+    assert watchdog.blocked_state(os.getpid()) is None
+    assert watchdog.blocked_state(2**22 + 12345) is None
 
 
 def test_run_py_recognises_a_hung_interpreter() -> None:
