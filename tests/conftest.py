@@ -3,7 +3,8 @@
 Everything that forks or changes process-wide state runs in a fresh interpreter started by
 ``run_py``: the pytest process itself never forks with a pool running. Each interpreter gets
 its own session, and the whole group is SIGKILLed at the end, so a hung grandchild (a
-forked worker blocked forever on a dead pool) never outlives its test.
+forked worker blocked forever on a dead pool) never outlives its test. An interpreter that
+tokguard's watchdog recognises as hung is killed then, not at its deadline.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
+from types import ModuleType
 from typing import NamedTuple
 
 import pytest
@@ -26,6 +29,23 @@ _spec = importlib.util.find_spec("tokguard")
 assert _spec is not None
 assert _spec.submodule_search_locations is not None
 TOKGUARD_DIR = str(Path(next(iter(_spec.submodule_search_locations))).resolve())
+
+
+def _load_watchdog() -> ModuleType:
+    """tokguard's watchdog, by file path: standalone, so the guard stays out of this process."""
+    spec = importlib.util.spec_from_file_location(
+        "_tg_conftest_watchdog", os.path.join(TOKGUARD_DIR, "_watchdog.py")
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # typing.NamedTuple looks its module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+watchdog = _load_watchdog()
+_POLL = 0.25  # s between two looks at a run_py interpreter that has not finished
 
 # Variables a test's parent shell may hold that would change what the child does.
 _SCRUBBED = ("TOKENIZERS_PARALLELISM", "TOKGUARD_MODE", "RAYON_NUM_THREADS", "OMP_NUM_THREADS")
@@ -85,7 +105,8 @@ def run_py(
     ``guard`` True/False prepends ``PRELUDE`` (tokguard imported, or not at all). ``env``
     entries are added to a scrubbed copy of this environment; a value of None removes one.
     ``path``: write the code to this file and run it as a script (so reports name its lines).
-    On timeout, and always at the end, the interpreter's whole process group is killed.
+    On timeout, when the interpreter is recognised as hung (``watchdog.HangMonitor``: every
+    thread stuck in a futex wait), and always at the end, its whole process group is killed.
     """
     source = textwrap.dedent(code)
     if guard is not None:
@@ -117,12 +138,24 @@ def run_py(
         text=True,
         start_new_session=True,
     )
+    monitor = watchdog.HangMonitor(proc.pid)
+    start = time.monotonic()
     try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc.pid)
-        out, err = proc.communicate()
-        return Result(-9, out, err + f"\n[run_py: killed after {timeout} s]")
+        while True:
+            try:
+                out, err = proc.communicate(timeout=_POLL)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            # The interpreter itself stuck (every thread in a futex wait, no CPU): waiting
+            # longer cannot change anything, so stop now instead of at the deadline.
+            hung = monitor.hung()
+            if hung or time.monotonic() - start >= timeout:
+                _kill_group(proc.pid)
+                out, err = proc.communicate()
+                why = "hung (every thread blocked in a futex wait)" if hung else "timeout"
+                waited = time.monotonic() - start
+                return Result(-9, out, err + f"\n[run_py: {why}, killed after {waited:.1f} s]")
     finally:
         _kill_group(proc.pid)
     return Result(proc.returncode, out, err)
@@ -155,16 +188,40 @@ def values(result: Result) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def cross_encoder_path(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A tiny BERT CrossEncoder saved locally, built in a fresh interpreter (needs torch)."""
+    """A tiny BERT CrossEncoder saved locally, built in a fresh interpreter (needs torch).
+
+    Built once per run: under pytest-xdist the workers share one copy (the first builds it
+    under a file lock in the run's common temporary directory, the others wait and reuse it).
+    """
     pytest.importorskip("torch")
     pytest.importorskip("sentence_transformers")
-    path = str(tmp_path_factory.mktemp("cross-encoder"))
-    result = run_py(
-        f"from tokguard._lab import build_cross_encoder\nbuild_cross_encoder({path!r})\n",
-        timeout=300,
+    import fcntl
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # common to every worker of this run
+    path = root / "cross-encoder"
+    with open(root / "cross-encoder.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (path / "BUILT").exists():
+            path.mkdir(exist_ok=True)
+            result = run_py(
+                f"from tokguard._lab import build_cross_encoder\nbuild_cross_encoder({str(path)!r})\n",
+                timeout=300,
+            )
+            assert result.returncode == 0, str(result)
+            (path / "BUILT").touch()
+    return str(path)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests (servers, models) first: pytest-xdist then ends on short tests, not a long tail."""
+    items.sort(
+        key=lambda item: (
+            item.get_closest_marker("slow") is None,
+            "cross_encoder_path" not in getattr(item, "fixturenames", ()),
+        )
     )
-    assert result.returncode == 0, str(result)
-    return path
 
 
 def line_of(source: str, marker: str) -> int:

@@ -430,7 +430,8 @@ def test_demo_row2_hangs_without_and_finishes_with_tokguard() -> None:
     proc = run("demo", "--rows", "row2", "--timeout", "3", timeout=120)
     assert proc.returncode == EXIT_OK, proc.stdout + proc.stderr
     line = next(x for x in proc.stdout.splitlines() if x.startswith("row2 "))
-    assert "hung: 2 of 2 forks killed after 3 s" in line
+    # The watchdog recognises the stuck children long before the 3 s outer bound.
+    assert re.search(r"hung: 2 of 2 forks, recognised in \d+\.\d\d s", line), line
     assert re.search(r"finished in \d+\.\d\d s", line)
     assert "tokenizers parallel pool (rayon)" in proc.stdout
     # Not a terminal: progress is one plain line per finished run, no carriage returns.

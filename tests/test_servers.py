@@ -18,11 +18,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
+
+from conftest import watchdog
 
 pytestmark = [pytest.mark.slow, pytest.mark.torch]
 
@@ -30,6 +33,9 @@ APPS = Path(__file__).parent / "apps"
 WARNING = "tokguard saw an unsafe fork"
 BOOT_DEADLINE = 180.0  # torch + transformers imports on a loaded 2-core machine
 WORKER_TIMEOUT = 5  # gunicorn --timeout: a hung worker is killed after this
+# The hang controls use a short --timeout: a worker killed by it was first recognised hung
+# by tokguard's watchdog (stuck in a futex wait at 0 % CPU), so it was not merely slow.
+CONTROL_WORKER_TIMEOUT = 2
 
 
 @pytest.fixture
@@ -76,16 +82,27 @@ def _gunicorn_extra_args() -> list[str]:
     return ["--no-control-socket"] if "--no-control-socket" in out else []
 
 
+class Server(NamedTuple):
+    url: str
+    pid: int  # the gunicorn master's
+
+
 @contextlib.contextmanager
-def gunicorn(app: str, model: str, log: Path, worker_class: str | None) -> Iterator[str]:
-    """Run ``gunicorn --preload -w 2`` on a free port; yield its base URL; always stop it."""
+def gunicorn(
+    app: str,
+    model: str,
+    log: Path,
+    worker_class: str | None,
+    worker_timeout: int = WORKER_TIMEOUT,
+) -> Iterator[Server]:
+    """Run ``gunicorn --preload -w 2`` on a free port; yield its URL and pid; always stop it."""
     pytest.importorskip("gunicorn")
     if worker_class:
         pytest.importorskip(worker_class.rsplit(".", 1)[0])
     port = _free_port()
     argv = [
         sys.executable, "-m", "gunicorn", "--preload", "-w", "2",
-        "-b", f"127.0.0.1:{port}", "--timeout", str(WORKER_TIMEOUT),
+        "-b", f"127.0.0.1:{port}", "--timeout", str(worker_timeout),
         "--graceful-timeout", "2", "--chdir", str(APPS), *_gunicorn_extra_args(),
     ]  # fmt: skip
     if worker_class:
@@ -110,7 +127,7 @@ def gunicorn(app: str, model: str, log: Path, worker_class: str | None) -> Itera
             if time.monotonic() > deadline:
                 pytest.fail(f"gunicorn not up in {BOOT_DEADLINE:g} s:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
-        yield base
+        yield Server(base, master.pid)
     finally:
         with contextlib.suppress(ProcessLookupError):
             master.send_signal(signal.SIGTERM)
@@ -137,15 +154,37 @@ def test_preloaded_gunicorn_hangs_without_tokguard(
 ) -> None:
     """Without tokguard, every model request to a preloaded gunicorn times out (hang-table row 8)."""
     log = tmp_path / "gunicorn.log"
-    with gunicorn(f"{module}:app", cross_encoder, log, worker_class) as base:
-        answered = sum(_get(f"{base}/query{i}", timeout=WORKER_TIMEOUT + 2) for i in range(3))
-        deadline = time.monotonic() + 3 * WORKER_TIMEOUT
+    timeout = CONTROL_WORKER_TIMEOUT
+    server = gunicorn(f"{module}:app", cross_encoder, log, worker_class, timeout)
+    with server as (base, pid), ThreadPoolExecutor(3) as pool:
+        requests = [pool.submit(_get, f"{base}/query{i}", timeout + 2) for i in range(3)]
+        hung = _hung_workers(pid, until=lambda: all(r.done() for r in requests))
+        answered = sum(r.result() for r in requests)
+        deadline = time.monotonic() + 3 * timeout
         while "WORKER TIMEOUT" not in log.read_text() and time.monotonic() < deadline:
-            time.sleep(0.5)
+            time.sleep(0.2)
     text = log.read_text()
     assert answered == 0, text[-3000:]
+    assert hung, "no worker was seen stuck in a futex wait:\n" + text[-3000:]
     assert "WORKER TIMEOUT" in text, text[-3000:]
     assert WARNING not in text
+
+
+def _hung_workers(master: int, until: Callable[[], bool]) -> set[int]:
+    """Pids of the master's workers that the watchdog recognised as hung, until ``until()``."""
+    monitors: dict[int, watchdog.HangMonitor] = {}
+    hung: set[int] = set()
+    while not until():
+        try:
+            with open(f"/proc/{master}/task/{master}/children") as f:
+                workers = [int(pid) for pid in f.read().split()]
+        except OSError:
+            workers = []
+        for pid in workers:
+            if pid not in hung and monitors.setdefault(pid, watchdog.HangMonitor(pid)).hung():
+                hung.add(pid)
+        time.sleep(0.05)
+    return hung
 
 
 @pytest.mark.parametrize(("module", "worker_class"), SERVERS)
@@ -155,7 +194,7 @@ def test_preloaded_gunicorn_answers_with_tokguard(
     """With `import tokguard` first, 200 requests from 8 threads are answered; one warning."""
     log = tmp_path / "gunicorn.log"
     server = gunicorn(f"{module}_guarded:app", cross_encoder, log, worker_class)
-    with server as base, ThreadPoolExecutor(8) as pool:
+    with server as (base, _), ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda i: _get(f"{base}/q{i}", timeout=30), range(200)))
     text = log.read_text()
     assert sum(answers) == 200, text[-3000:]

@@ -14,7 +14,9 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
+from . import _watchdog
 from ._report import FIXES, first_use_line
 from .cli import (
     EXIT_IMPORT_FAILED,
@@ -166,18 +168,13 @@ def run_check(target: str, timeout: float = 120.0) -> dict[str, Any]:
     os.close(fd)
     result: dict[str, Any]
     try:
-        try:
-            proc = subprocess.run(
-                [sys.executable, "-c", _CHILD, module, attr, result_path],
-                check=False,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                errors="replace",
-                timeout=timeout,
-            )
-        except subprocess.TimeoutExpired as exc:
-            result = {"status": "timeout", "timeout": timeout, "output": _text(exc.stderr)}
+        returncode, stderr, hung_after = _run(
+            [sys.executable, "-c", _CHILD, module, attr, result_path], timeout
+        )
+        if returncode is None:
+            result = {"status": "timeout", "timeout": timeout, "output": stderr}
+            if hung_after is not None:
+                result["hung_after"] = round(hung_after, 2)
         else:
             try:
                 with open(result_path) as f:
@@ -186,10 +183,10 @@ def run_check(target: str, timeout: float = 120.0) -> dict[str, Any]:
                 # The child died without a verdict: the app called os._exit or crashed.
                 result = {
                     "status": "import-failed",
-                    "traceback": proc.stderr
-                    or f"the interpreter exited with status {proc.returncode} and no output",
+                    "traceback": stderr
+                    or f"the interpreter exited with status {returncode} and no output",
                 }
-            result["output"] = proc.stderr
+            result["output"] = stderr
     finally:
         os.unlink(result_path)
     result["target"] = target
@@ -197,12 +194,36 @@ def run_check(target: str, timeout: float = 120.0) -> dict[str, Any]:
     return result
 
 
-def _text(data: bytes | str | None) -> str:
-    if data is None:
-        return ""
-    if isinstance(data, bytes):
-        return data.decode("utf-8", "replace")
-    return data
+def _run(argv: list[str], timeout: float) -> tuple[int | None, str, float | None]:
+    """Run the importing interpreter: its exit status (None: killed), stderr, when seen hung.
+
+    An import that hangs is usually stuck for good (a fork or a pool at import time):
+    once every thread of the interpreter waits in a futex with no CPU progress
+    (``_watchdog.HangMonitor``), it is killed then instead of at ``timeout``.
+    """
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        errors="replace",
+    )
+    monitor = _watchdog.HangMonitor(proc.pid)
+    hung_after = None
+    while True:
+        try:
+            _, stderr = proc.communicate(timeout=0.25)
+            return proc.returncode, stderr, None
+        except subprocess.TimeoutExpired:
+            pass
+        if monitor.hung():
+            hung_after = time.monotonic() - start
+        if hung_after is not None or time.monotonic() - start >= timeout:
+            proc.kill()
+            _, stderr = proc.communicate()
+            return None, stderr, hung_after
 
 
 def _tail(text: str, lines: int = 15) -> str:
@@ -232,10 +253,17 @@ def render(result: dict[str, Any]) -> str:
         lines.append(f"tokguard check: importing {target!r} failed; the app's traceback:")
         lines.append(_tail(result.get("traceback", ""), 40))
     elif status == "timeout":
-        lines.append(
-            f"tokguard check: importing {target!r} did not finish in {result['timeout']:g} s "
-            "(a hang at import, or a slow model load: raise --timeout)."
-        )
+        if result.get("hung_after") is not None:
+            lines.append(
+                f"tokguard check: importing {target!r} hung: after {result['hung_after']:g} s "
+                "every thread was waiting on a lock or barrier that nothing can release (a "
+                "futex wait at 0 % CPU); stopped without waiting for --timeout."
+            )
+        else:
+            lines.append(
+                f"tokguard check: importing {target!r} did not finish in {result['timeout']:g} s "
+                "(a hang at import, or a slow model load: raise --timeout)."
+            )
         if result.get("output"):
             lines.append("  Last output of the app:")
             lines.append(_tail(result["output"]))

@@ -304,21 +304,26 @@ def _mp_pool(ctx: Context) -> dict[str, Any]:
         outcome["errors"].append(_short(exc, "refused: "))
         outcome["elapsed"] = time.monotonic() - start
         return outcome
+    workers = ctx.watchdog.PoolMonitor(lambda: [w.pid for w in pool._pool])  # type: ignore[attr-defined]
+    recognised = False
     try:
         results = pool.imap_unordered(_pool_task, range(ctx.forks))
-        for _ in range(ctx.forks):
+        while ok + failed < ctx.forks:
             try:
-                results.next(timeout=max(0.0, deadline - time.monotonic()))
+                results.next(timeout=0.1)  # short waits: the watchdog looks in between
                 ok += 1
             except multiprocessing.TimeoutError:
-                break
+                recognised = workers.hung()
+                if recognised or time.monotonic() >= deadline:
+                    break
             except Exception as exc:
                 failed += 1
                 outcome["errors"].append(_short(exc))
     finally:
         pool.terminate()  # SIGTERM: a worker blocked on a futex still dies
         pool.join()
-    outcome.update(ok=ok, failed=failed, hung=ctx.forks - ok - failed, refused=0)
+    hung = ctx.forks - ok - failed
+    outcome.update(ok=ok, failed=failed, hung=hung, refused=0, recognised=hung if recognised else 0)
     outcome["elapsed"] = time.monotonic() - start
     return outcome
 
@@ -349,35 +354,52 @@ def _dataloader(ctx: Context) -> dict[str, Any]:
         Pairs(),
         batch_size=1,
         num_workers=2,
-        timeout=ctx.timeout,  # per batch: a hung worker raises RuntimeError here
+        timeout=0.2,  # per batch, retried: the watchdog looks at the workers in between
         multiprocessing_context="fork",
     )
     start = time.monotonic()
+    deadline = start + ctx.timeout
     outcome: dict[str, Any] = {"unit": "batch", "forks": ctx.forks, "errors": []}
     ok = failed = refused = 0
+    recognised = False
     iterator = None
     try:
         iterator = iter(loader)  # forks the workers
     except Exception as exc:  # a guard in "raise" mode refuses the fork
         refused = ctx.forks
         outcome["errors"].append(_short(exc, "refused: "))
+    processes = getattr(iterator, "_workers", [])
+    workers = ctx.watchdog.PoolMonitor(lambda: [w.pid for w in processes])
     try:
-        for _ in iterator or ():
-            ok += 1
-    except RuntimeError as exc:
-        if "timed out" not in str(exc):  # DataLoader's own "DataLoader timed out after"
-            failed = ctx.forks - ok  # iteration stops at the first failing batch
-        outcome["errors"].append(_short(exc))
+        while iterator is not None:
+            try:
+                next(iterator)
+                ok += 1
+            except StopIteration:  # the loader shut its workers down itself
+                break
+            except RuntimeError as exc:
+                if "timed out" not in str(exc):  # DataLoader's own "DataLoader timed out after"
+                    raise
+                recognised = workers.hung()
+                if recognised or time.monotonic() >= deadline:
+                    outcome["errors"].append(
+                        "every worker stuck in a futex wait"
+                        if recognised
+                        else f"no batch within {ctx.timeout:g} s"
+                    )
+                    break
     except Exception as exc:  # a worker's exception, re-raised here by the DataLoader
-        failed = ctx.forks - ok
+        failed = ctx.forks - ok  # iteration stops at the first failing batch
         outcome["errors"].append(_short(exc))
     finally:
         # Kill hung workers first: the iterator's own shutdown waits 5 s per worker.
-        for worker in getattr(iterator, "_workers", []):
+        for worker in processes:
             if worker.is_alive():
                 worker.kill()
         del iterator
-    outcome.update(ok=ok, failed=failed, refused=refused, hung=ctx.forks - ok - failed - refused)
+    hung = ctx.forks - ok - failed - refused
+    outcome.update(ok=ok, failed=failed, refused=refused, hung=hung)
+    outcome["recognised"] = hung if recognised else 0
     outcome["elapsed"] = time.monotonic() - start
     return outcome
 
@@ -607,6 +629,7 @@ def main(argv: list[str] | None = None) -> int:
         "ok": outcome["ok"],
         "failed": outcome["failed"],
         "hung": outcome["hung"],
+        "recognised": outcome.get("recognised", 0),
         "refused": outcome["refused"],
         "elapsed": round(outcome["elapsed"], 3),
         "child_errors": outcome["errors"],

@@ -26,6 +26,18 @@ APPS = Path(__file__).resolve().parent
 WARNING = "tokguard saw an unsafe fork"
 
 
+def _has_control_socket() -> bool:
+    """gunicorn >= 24 opens a control socket; --no-control-socket exists where it does."""
+    out = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "--help"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    return "--no-control-socket" in out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -113,6 +125,8 @@ def gunicorn(
         "-b", f"127.0.0.1:{port}", "--timeout", "60", "--graceful-timeout", "5",
         "-c", str(APPS / "lazy_conf.py"), "--chdir", str(APPS), "lazy_app:app",
     ]  # fmt: skip
+    if _has_control_socket():  # one fixed path per user: parallel test servers would share it
+        command.insert(3, "--no-control-socket")
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True

@@ -2,7 +2,10 @@
 
     python server_pool.py pool|dataloader [--guard] [--tasks N] [--timeout S]
 
-Prints one JSON line: {"ok": answered tasks, "hung": unanswered ones, "errors": [...]}.
+Prints one JSON line: {"ok": answered tasks, "hung": unanswered ones, "errors": [...],
+"recognised": whether the wait ended because every worker was recognised hung}. tokguard's
+watchdog (loaded by file path, so an unguarded run stays unguarded) ends the wait once every
+worker is stuck in a futex wait at 0 % CPU; ``--timeout`` is the outer bound.
 ``--guard`` imports tokguard first, as an application's first line would. The environment
 is set here, before any import, the way a shell would set it.
 
@@ -16,6 +19,7 @@ is set here, before any import, the way a shell would set it.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -37,6 +41,24 @@ if ARGS.guard:
 import server_model  # noqa: E402
 
 MODEL: Any = None
+STUCK = "every worker hung: stuck in a futex wait at 0 % CPU"
+
+
+def _load_watchdog() -> Any:
+    spec = importlib.util.find_spec("tokguard")  # finds the package without running it
+    assert spec is not None
+    assert spec.submodule_search_locations is not None
+    path = os.path.join(next(iter(spec.submodule_search_locations)), "_watchdog.py")
+    wd_spec = importlib.util.spec_from_file_location("_server_pool_watchdog", path)
+    assert wd_spec is not None
+    assert wd_spec.loader is not None
+    module = importlib.util.module_from_spec(wd_spec)
+    sys.modules[wd_spec.name] = module
+    wd_spec.loader.exec_module(module)
+    return module
+
+
+watchdog = _load_watchdog()
 
 
 def task(i: int) -> float:
@@ -46,22 +68,28 @@ def task(i: int) -> float:
 def run_pool() -> dict[str, Any]:
     import multiprocessing
 
-    ok, errors = 0, []
+    ok, errors, recognised = 0, [], False
     deadline = time.monotonic() + ARGS.timeout
     pool = multiprocessing.get_context("fork").Pool(2)
+    workers = watchdog.PoolMonitor(lambda: [w.pid for w in pool._pool])  # type: ignore[attr-defined]
     try:
         results = pool.imap_unordered(task, range(ARGS.tasks))
-        for _ in range(ARGS.tasks):
+        while ok < ARGS.tasks:
             try:
-                results.next(timeout=max(0.0, deadline - time.monotonic()))
+                results.next(timeout=0.1)
                 ok += 1
             except multiprocessing.TimeoutError:
-                errors.append(f"no answer within {ARGS.timeout:g} s")
-                break
+                if workers.hung():
+                    recognised = True
+                    errors.append(STUCK)
+                    break
+                if time.monotonic() >= deadline:
+                    errors.append(f"no answer within {ARGS.timeout:g} s")
+                    break
     finally:
         pool.terminate()  # SIGTERM: a worker blocked in a futex dies too
         pool.join()
-    return {"ok": ok, "hung": ARGS.tasks - ok, "errors": errors}
+    return {"ok": ok, "hung": ARGS.tasks - ok, "errors": errors, "recognised": recognised}
 
 
 def run_dataloader() -> dict[str, Any]:
@@ -81,23 +109,39 @@ def run_dataloader() -> dict[str, Any]:
             )
             return torch.tensor(features["input_ids"].shape)
 
+    # A short per-batch timeout, retried: between two tries, the watchdog looks at the workers.
     loader = DataLoader(
-        Pairs(), batch_size=1, num_workers=2, timeout=ARGS.timeout, multiprocessing_context="fork"
+        Pairs(), batch_size=1, num_workers=2, timeout=0.2, multiprocessing_context="fork"
     )
-    ok, errors = 0, []
+    ok, errors, recognised = 0, [], False
+    deadline = time.monotonic() + ARGS.timeout
     iterator = iter(loader)
+    processes = getattr(iterator, "_workers", [])
+    workers = watchdog.PoolMonitor(lambda: [w.pid for w in processes])
     try:
-        for _ in iterator:
-            ok += 1
-    except RuntimeError as exc:  # "DataLoader timed out after N seconds"
-        errors.append(str(exc)[:300])
+        while True:
+            try:
+                next(iterator)
+                ok += 1
+            except StopIteration:  # the loader shut its workers down itself
+                break
+            except RuntimeError as exc:  # "DataLoader timed out after 0.2 seconds"
+                if "timed out" not in str(exc):
+                    raise
+                if workers.hung():
+                    recognised = True
+                    errors.append(STUCK)
+                    break
+                if time.monotonic() >= deadline:
+                    errors.append(f"no batch within {ARGS.timeout:g} s")
+                    break
     finally:
         # Kill hung workers first: the iterator's own shutdown waits for them.
         for worker in getattr(iterator, "_workers", []):
             if worker.is_alive():
                 worker.kill()
         del iterator
-    return {"ok": ok, "hung": ARGS.tasks - ok, "errors": errors}
+    return {"ok": ok, "hung": ARGS.tasks - ok, "errors": errors, "recognised": recognised}
 
 
 if __name__ == "__main__":
