@@ -92,7 +92,7 @@ if attr:
             finish(status="import-failed", traceback=app_traceback())
     described = type(obj).__module__ + "." + type(obj).__qualname__
 
-from tokguard import _env, _probes
+from tokguard import _env, _master, _probes
 
 found, census = _probes.assess()
 imports_tokguard = any(value is tokguard for value in vars(module).values())
@@ -110,6 +110,7 @@ finish(
     python_threads=None if census is None else census.python_threads,
     tokenizers_parallelism=_env.c_getenv(_env.VAR),
     tokguard_set_default=_env.TOKGUARD_SET_DEFAULT,
+    master=_master.describe(),
 )
 """
 
@@ -248,6 +249,7 @@ def render(result: dict[str, Any]) -> str:
             threads = (
                 f"; {result['os_threads']} threads ({result['python_threads']} known to Python)"
             )
+        master = result.get("master") or {}
         if status == "safe":
             lines.append(f"SAFE: {target} ({what}{threads}).")
             lines.append("  No native pool runs in the process: workers forked now will not hang.")
@@ -273,6 +275,14 @@ def render(result: dict[str, Any]) -> str:
             lines.append("  Fix it for good, any one of:")
             lines.extend(f"  - {fix}" for fix in FIXES)
             lines.append("  - do not preload: gunicorn without --preload")
+        if master.get("active"):
+            lines.append(f"  Imported as a preforking master would ({master['reason']}).")
+        elif master:
+            lines.append(
+                f"  Not imported as a master ({master['reason']}). Under gunicorn --preload, "
+                "celery prefork, a forkserver or pytest --forked, tokguard would keep the pools "
+                "cold during this import: TOKGUARD_MASTER=on tokguard check ... shows that."
+            )
     else:
         lines.append(f"tokguard check: internal error: {result}")
     return "\n".join(lines)

@@ -63,8 +63,8 @@ CELERY_MAYBE = (
 FORKSERVER = "the multiprocessing forkserver process (it imports its preload modules, then forks)"
 PYTEST_FORKED = "pytest's own process under pytest-forked --forked (every test runs in a fork)"
 NOT_RECOGNISED = (
-    "not a preforking master (gunicorn --preload arbiter, celery prefork main process, "
-    "multiprocessing forkserver, pytest --forked)"
+    "none of the preforking masters recognised: gunicorn --preload arbiter, celery prefork "
+    "main process, multiprocessing forkserver, pytest --forked"
 )
 
 # Modules one of which a master has imported by the time it loads the app: without any of

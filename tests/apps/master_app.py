@@ -5,7 +5,8 @@ master_app:asgi_app``; ``master_app_guarded`` is the same with ``import tokguard
 Without TOKGUARD_TEST_MODEL no model is loaded (recognition tests). ``/settings``
 answers without the model: the worker's torch threads, the
 TOKENIZERS_PARALLELISM it sees (os.environ and C), and the threads torch had while this
-module was imported (in the master under --preload). ``/score`` runs the model first.
+module was imported (in the master under --preload). Any other path runs the model first;
+``/batchN`` scores N pairs (the benchmark's request).
 """
 
 from __future__ import annotations
@@ -39,7 +40,11 @@ def settings() -> dict[str, Any]:
 
 def answer(path: str) -> bytes:
     body = settings()
-    if path != "/settings" and MODEL is not None:
+    if path.startswith("/batch") and MODEL is not None:
+        # The benchmark's request: /batchN scores N pairs in one predict.
+        pairs = [(path, f"document {i} about pools and threads") for i in range(int(path[6:]))]
+        body["score"] = float(MODEL.predict(pairs, show_progress_bar=False).mean())
+    elif path != "/settings" and MODEL is not None:
         # Blocking on purpose: a hung predict hangs the worker, as it does in production.
         body["score"] = server_model.score(MODEL, path)
     return json.dumps(body).encode()
