@@ -211,6 +211,19 @@ def _tail(text: str, lines: int = 15) -> str:
     return "\n".join("    " + line for line in kept)
 
 
+def _master_lines(master: dict[str, Any] | None) -> list[str]:
+    """Whether the import ran as a preforking master's (master mode), and why."""
+    if not master:
+        return []
+    if master.get("active"):
+        return [f"  Imported as a preforking master would ({master['reason']})."]
+    return [
+        f"  Not imported as a master ({master['reason']}). Under gunicorn --preload, "
+        "celery prefork, a forkserver or pytest --forked, tokguard would keep the pools "
+        "cold during this import: TOKGUARD_MASTER=on tokguard check ... shows that."
+    ]
+
+
 def render(result: dict[str, Any]) -> str:
     """The verdict in words, as printed by ``tokguard check``."""
     target = result["target"]
@@ -249,7 +262,6 @@ def render(result: dict[str, Any]) -> str:
             threads = (
                 f"; {result['os_threads']} threads ({result['python_threads']} known to Python)"
             )
-        master = result.get("master") or {}
         if status == "safe":
             lines.append(f"SAFE: {target} ({what}{threads}).")
             lines.append("  No native pool runs in the process: workers forked now will not hang.")
@@ -275,14 +287,7 @@ def render(result: dict[str, Any]) -> str:
             lines.append("  Fix it for good, any one of:")
             lines.extend(f"  - {fix}" for fix in FIXES)
             lines.append("  - do not preload: gunicorn without --preload")
-        if master.get("active"):
-            lines.append(f"  Imported as a preforking master would ({master['reason']}).")
-        elif master:
-            lines.append(
-                f"  Not imported as a master ({master['reason']}). Under gunicorn --preload, "
-                "celery prefork, a forkserver or pytest --forked, tokguard would keep the pools "
-                "cold during this import: TOKGUARD_MASTER=on tokguard check ... shows that."
-            )
+        lines.extend(_master_lines(result.get("master")))
     else:
         lines.append(f"tokguard check: internal error: {result}")
     return "\n".join(lines)

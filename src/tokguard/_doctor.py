@@ -245,6 +245,18 @@ def _show(value: object) -> str:
     return "unset" if value is None else repr(value)
 
 
+def _master_lines(master: dict[str, Any]) -> list[str]:
+    verdict = "a master" if master["active"] else "not a master"
+    lines = [f"Master mode   {master['switch']}: {verdict} ({master['reason']})"]
+    restores = master["restores"]
+    if restores:
+        lines.append(
+            f"  workers get {_env.VAR}={_show(restores[_env.VAR])}, "
+            f"torch threads {restores['torch_threads'] or 'default'}"
+        )
+    return lines
+
+
 def render(info: dict[str, Any]) -> str:
     """``collect()``'s dict as the text ``tokguard doctor`` prints."""
     out = []
@@ -280,15 +292,7 @@ def render(info: dict[str, Any]) -> str:
         + ("" if sm["set"] else " (platform default, not set by the program)")
     )
     out.append(f"tokguard mode {info['mode']}")
-    master = info["master"]
-    verdict = "a master" if master["active"] else "not a master"
-    out.append(f"Master mode   {master['switch']}: {verdict} ({master['reason']})")
-    restores = master["restores"]
-    if restores:
-        out.append(
-            f"  workers get {_env.VAR}={_show(restores[_env.VAR])}, "
-            f"torch threads {restores['torch_threads'] or 'default'}"
-        )
+    out.extend(_master_lines(info["master"]))
     torch = info["torch"]
     if torch is None:
         out.append("torch       not imported")

@@ -554,7 +554,8 @@ def _master_mode_under_forked(config: pytest.Config) -> None:
     """
     try:
         options = config.known_args_namespace
-        if not getattr(options, "forked", False):
+        switched_off = str(getattr(options, "tokguard", None)).strip().lower() == "off"
+        if not getattr(options, "forked", False) or switched_off:
             return
         if "PYTEST_XDIST_WORKER" not in os.environ and (
             getattr(options, "numprocesses", None) or getattr(options, "dist", "no") != "no"
