@@ -9,8 +9,8 @@ Part 1: one CrossEncoder app (tests/apps/master_app.py) under real ``gunicorn -w
 - (c) master: ``--preload``, ``import tokguard`` first, master mode (the default): the master
   warms up single-threaded, the workers get the thread count back.
 
-Throughput is requests per second from 2 concurrent clients, each request scoring a batch of
-pairs; memory is PSS (``/proc/PID/smaps_rollup``: shared pages split between their sharers)
+Throughput is requests per second from 2 concurrent clients (``--clients``), each request
+scoring a batch of pairs; memory is PSS (``/proc/PID/smaps_rollup``: shared pages split between their sharers)
 per worker after the load. The configurations run in alternating rounds; medians and the
 spread (min-max) are printed, since the machine may be shared.
 
@@ -41,7 +41,7 @@ sys.path.insert(0, str(APPS))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lazy_server  # noqa: E402  - tests/apps: free_port, Server, pss_kib
-from bench_lazy import build_model  # noqa: E402
+from bench_lazy import build_model, thread_speedup  # noqa: E402
 
 CONFIGS = {
     "a": ("(a) per-worker load, no preload", "master_app:app", False, {}),
@@ -112,12 +112,14 @@ def load(server: lazy_server.Server, path: str, clients: int, seconds: float) ->
     return done / (time.monotonic() - start)
 
 
-def run_config(key: str, model: str, batch: int, seconds: float) -> tuple[float, float, set[int]]:
+def run_config(
+    key: str, model: str, batch: int, seconds: float, clients: int
+) -> tuple[float, float, set[int]]:
     _, app, preload, extra = CONFIGS[key]
     with gunicorn(app, preload, extra, model) as server:
         for _ in range(6):  # every worker loaded and warm
             server.get(f"/batch{batch}", timeout=120.0)
-        rate = load(server, f"/batch{batch}", 2, seconds)
+        rate = load(server, f"/batch{batch}", clients, seconds)
         threads = {
             int(a["torch_threads"]) for a in (server.get("/settings") for _ in range(6)) if a
         }
@@ -182,6 +184,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch", type=int, default=16, help="pairs scored per request")
     parser.add_argument("--configs", default="abc")
+    parser.add_argument(
+        "--clients", type=int, default=2, help="concurrent clients (2 keeps both workers busy)"
+    )
     parser.add_argument("--warm-up-runs", type=int, default=5)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -190,15 +195,21 @@ def main() -> None:
         print(
             f"CrossEncoder: BERT hidden {args.hidden}, {args.layers} layers, "
             f"{params / 1e6:.1f} M parameters; {args.batch} pairs per request; gunicorn -w 2, "
-            f"2 clients, {args.seconds:g} s per run; {os.cpu_count()} CPUs; "
+            f"{args.clients} client(s), {args.seconds:g} s per run; {os.cpu_count()} CPUs; "
             f"load average {os.getloadavg()[0]:.1f} at start"
+        )
+        one, two = thread_speedup(model, args.batch)
+        print(
+            f"Same model, one process, no fork, right now: {one * 1000:.0f} ms per request at 1 "
+            f"torch thread, {two * 1000:.0f} ms at 2 ({one / two:.2f}x): what more threads per "
+            "worker can give on this machine at this load"
         )
         rates: dict[str, list[float]] = {k: [] for k in args.configs}
         pss: dict[str, list[float]] = {k: [] for k in args.configs}
         threads: dict[str, set[int]] = {k: set() for k in args.configs}
         for round_ in range(args.rounds):
             for key in args.configs:
-                rate, mem, seen = run_config(key, model, args.batch, args.seconds)
+                rate, mem, seen = run_config(key, model, args.batch, args.seconds, args.clients)
                 rates[key].append(rate)
                 pss[key].append(mem)
                 threads[key] |= seen
