@@ -225,6 +225,34 @@ print("SWITCH=" + tokguard.master_mode().switch)
     assert found["SWITCH"] == "auto"
 
 
+@pytest.mark.torch
+def test_single_threaded_block_in_a_master_stays_cold_after_the_app_raised_threads() -> None:
+    """An app that sets torch.set_num_threads(2) at import and warms up under
+    single_threaded() in a master: the warm-up starts no pool, 2 threads come back after the
+    block, no report; the children run at 2 threads."""
+    pytest.importorskip("torch")
+    result = run_py(
+        FORK
+        + """
+import tokguard, torch
+torch.set_num_threads(2)  # the app's own setting, made while master mode is on
+x = torch.randn(512, 512)
+with tokguard.single_threaded():
+    print("INSIDE=%d" % torch.get_num_threads())
+    for _ in range(5):
+        x @ x
+print("AFTER=%d" % torch.get_num_threads())
+print("HAZARDS=" + ",".join(h.pool for h in tokguard.hazards()))
+print("CHILD=" + in_child(lambda: settings(torch) + "|" + str(float((x @ x).sum()) != 0.0)))
+""",
+        env={"TOKGUARD_MASTER": "on", "TOKENIZERS_PARALLELISM": "true"},
+    )
+    found = values(result)
+    assert (found["INSIDE"], found["AFTER"], found["HAZARDS"]) == ("1", "2", ""), str(result)
+    assert found["CHILD"] == "2|true|true|True", str(result)
+    assert WARNING not in result.stderr
+
+
 DEFEAT = """
 import tokguard, torch
 reports = []

@@ -48,6 +48,8 @@ _saved_c_env: str | None = None
 _saved_torch_threads = 0
 """torch.get_num_threads() before the first block; 0 while torch is not (yet) touched."""
 _torch_hook_pending = False
+_undo: dict[int, list[tuple[str | None, int]]] = {}
+"""Holder -> for each of its blocks opened while the state was held already: what it cooled."""
 
 
 def active() -> bool:
@@ -89,6 +91,7 @@ def _enter(ident: int | None = None) -> None:
         first = not _holders
         _holders[ident] = _holders.get(ident, 0) + 1
         if not first:
+            _undo.setdefault(ident, []).append(_cool_again())
             return
         _saved_env = os.environ.get(_env.VAR, _ABSENT)
         _saved_c_env = _env.c_getenv(_env.VAR)
@@ -117,7 +120,38 @@ def _exit(ident: int | None = None) -> None:
         else:
             _holders[ident] = count - 1
         if not _holders:
+            _undo.clear()
             _restore()
+        elif _undo.get(ident):
+            _warm_again(*_undo[ident].pop())
+
+
+def _cool_again() -> tuple[str | None, int]:
+    """A block opened while others hold the state: cold again what was raised meanwhile.
+
+    In a master (``_master`` holds the state for good) the app may raise torch's threads or
+    switch parallelism back on before it opens ``single_threaded()`` for its warm-up; that
+    warm-up must still run cold. Returns what to put back when this block ends: the C value
+    of the variable (None: nothing to undo) and torch's thread count (0: nothing).
+    """
+    value = _env.c_getenv(_env.VAR) if _env.c_parallel() else None
+    if value is not None:
+        _env.force_serial()
+    torch = sys.modules.get("torch")
+    threads = int(torch.get_num_threads()) if torch is not None else 0
+    if threads > 1:
+        torch.set_num_threads(1)  # type: ignore[union-attr]
+    return value, threads if threads > 1 else 0
+
+
+def _warm_again(value: str | None, threads: int) -> None:
+    """End of such a block: the values it found come back, unless changed inside it."""
+    if value is not None and _env.c_getenv(_env.VAR) == "false":
+        os.environ[_env.VAR] = value
+        os.putenv(_env.VAR, value)
+    torch = sys.modules.get("torch")
+    if threads and torch is not None and torch.get_num_threads() == 1:
+        torch.set_num_threads(threads)
 
 
 def _restore(unsafe: frozenset[str] = frozenset()) -> None:
@@ -210,8 +244,12 @@ def after_fork_in_child(unsafe: frozenset[str]) -> None:
     ident = _thread.get_ident()
     mine = _holders.get(ident, 0)
     had_blocks = bool(_holders)
+    undo = _undo.get(ident, [])
     _holders.clear()
+    _undo.clear()
     if mine:
         _holders[ident] = mine
+        if undo:
+            _undo[ident] = undo
     elif had_blocks:
         _restore(unsafe)
