@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lazy_server  # noqa: E402  - tests/apps: free_port, Server, pss_kib
 from bench_lazy import build_model, thread_speedup  # noqa: E402
 
+PARALLELISM: str | None = None  # --tokenizers-parallelism
 CONFIGS = {
     "a": ("(a) per-worker load, no preload", "master_app:app", False, {}),
     "b": ("(b) --preload + repair", "master_app_guarded:app", True, {"TOKGUARD_MASTER": "off"}),
@@ -62,6 +63,8 @@ def gunicorn(
         and k not in ("TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS")
     }
     env.update(HF_HUB_OFFLINE="1", TQDM_DISABLE="1", TOKGUARD_TEST_MODEL=model, **extra)
+    if PARALLELISM is not None:  # the same for all three: (a) has no tokguard default
+        env["TOKENIZERS_PARALLELISM"] = PARALLELISM
     argv = [sys.executable, "-m", "gunicorn", "-w", "2", "-b", f"127.0.0.1:{port}"]
     argv += ["--timeout", "120", "--chdir", str(APPS), "--no-control-socket"]
     argv += ["--preload", app] if preload else [app]
@@ -188,7 +191,15 @@ def main() -> None:
         "--clients", type=int, default=2, help="concurrent clients (2 keeps both workers busy)"
     )
     parser.add_argument("--warm-up-runs", type=int, default=5)
+    parser.add_argument(
+        "--tokenizers-parallelism",
+        default=None,
+        help="TOKENIZERS_PARALLELISM for all three (unset: (a) tokenizes in parallel, "
+        "(b) and (c) get tokguard's default 'false')",
+    )
     args = parser.parse_args()
+    global PARALLELISM
+    PARALLELISM = args.tokenizers_parallelism
     with tempfile.TemporaryDirectory() as tmp:
         model = os.path.join(tmp, "model")
         params = build_model(model, args.hidden, args.layers)
@@ -196,6 +207,7 @@ def main() -> None:
             f"CrossEncoder: BERT hidden {args.hidden}, {args.layers} layers, "
             f"{params / 1e6:.1f} M parameters; {args.batch} pairs per request; gunicorn -w 2, "
             f"{args.clients} client(s), {args.seconds:g} s per run; {os.cpu_count()} CPUs; "
+            f"TOKENIZERS_PARALLELISM={PARALLELISM or 'unset'}; "
             f"load average {os.getloadavg()[0]:.1f} at start"
         )
         one, two = thread_speedup(model, args.batch)
