@@ -514,6 +514,8 @@ def forked_batch_suite(inner: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) 
     pytest.importorskip("pytest_forked")
     pytest.importorskip("pytest_timeout")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+    # About the report and repair: under --forked, master mode would keep the pool cold.
+    monkeypatch.setenv("TOKGUARD_MASTER", "off")
     inner.makeconftest(CONFTEST + FORKED_BATCH_CONFTEST_TAIL)
     inner.makepyfile(test_batch=FORKED_BATCH_MODULE)
     source = (inner.path / "conftest.py").read_text().splitlines()

@@ -49,6 +49,8 @@ def _env(model: str | None) -> dict[str, str]:
     for name in ("TOKGUARD_MODE", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS"):
         env.pop(name, None)
     env.update(HF_HUB_OFFLINE="1", TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
+    # These tests are about the repair; master mode (a cold gunicorn master) has test_master.py.
+    env["TOKGUARD_MASTER"] = "off"
     if model is not None:
         env["TOKGUARD_TEST_MODEL"] = model
     return env

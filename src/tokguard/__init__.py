@@ -6,7 +6,10 @@ import side effect (documented in docs/how-it-works.md):
 1. sets ``TOKENIZERS_PARALLELISM=false`` where the process has no value for it (a value
    the user set, any value, is kept);
 2. installs the fork guard once per process: fork hooks, an ``os.fork`` wrapper, and
-   instrumentation of tokenizers and torch when (or if already) they are imported.
+   instrumentation of tokenizers and torch when (or if already) they are imported;
+3. in a preforking master (gunicorn ``--preload``, celery prefork, the forkserver, pytest
+   ``--forked``), keeps the pools cold and restores the settings in each forked worker
+   (master mode, docs/full-speed-workers.md; ``TOKGUARD_MASTER=off`` turns it off).
 
 It imports nothing heavy: the import budget is a few milliseconds, because the pytest
 plugin loads this package in every test session of every project that installs it.
@@ -14,8 +17,9 @@ plugin loads this package in every test session of every project that installs i
 
 from __future__ import annotations
 
-from . import _config, _env, _fork, _instrument, _report, _uwsgi
+from . import _config, _env, _fork, _instrument, _master, _report, _uwsgi
 from ._config import configure, current_mode
+from ._master import master_mode
 from ._probes import Hazard, hazards
 from ._report import ForkReport, UnsafeForkError, UnsafeForkWarning, subscribe
 
@@ -45,6 +49,7 @@ __all__ = [
     "current_mode",
     "hazards",
     "lazy_model",
+    "master_mode",
     "reset",
     "single_threaded",
     "subscribe",
@@ -80,8 +85,16 @@ def __getattr__(name: str) -> Any:
 def _start() -> None:
     """The import-time work; a failure is reported, never raised (it would stop a server)."""
     # One step's failure must not cost the others (a guard without hooks protects nothing).
-    steps = (_config.load_from_env, _env.apply_default, _fork.install, _instrument.install)
-    for step in (*steps, _uwsgi.watch):
+    # Master mode last: it saves the settings the process has with tokguard's default applied.
+    steps = (
+        _config.load_from_env,
+        _env.apply_default,
+        _fork.install,
+        _instrument.install,
+        _master.install,
+        _uwsgi.watch,
+    )
+    for step in steps:
         try:
             step()
         except Exception as exc:  # pragma: no cover - defensive

@@ -94,7 +94,7 @@ if attr:
             finish(status="import-failed", traceback=app_traceback())
     described = type(obj).__module__ + "." + type(obj).__qualname__
 
-from tokguard import _env, _probes
+from tokguard import _env, _master, _probes
 
 found, census = _probes.assess()
 imports_tokguard = any(value is tokguard for value in vars(module).values())
@@ -112,6 +112,7 @@ finish(
     python_threads=None if census is None else census.python_threads,
     tokenizers_parallelism=_env.c_getenv(_env.VAR),
     tokguard_set_default=_env.TOKGUARD_SET_DEFAULT,
+    master=_master.describe(),
 )
 """
 
@@ -231,6 +232,19 @@ def _tail(text: str, lines: int = 15) -> str:
     return "\n".join("    " + line for line in kept)
 
 
+def _master_lines(master: dict[str, Any] | None) -> list[str]:
+    """Whether the import ran as a preforking master's (master mode), and why."""
+    if not master:
+        return []
+    if master.get("active"):
+        return [f"  Imported as a preforking master would ({master['reason']})."]
+    return [
+        f"  Not imported as a master ({master['reason']}). Under gunicorn --preload, "
+        "celery prefork, a forkserver or pytest --forked, tokguard would keep the pools "
+        "cold during this import: TOKGUARD_MASTER=on tokguard check ... shows that."
+    ]
+
+
 def render(result: dict[str, Any]) -> str:
     """The verdict in words, as printed by ``tokguard check``."""
     target = result["target"]
@@ -305,6 +319,7 @@ def render(result: dict[str, Any]) -> str:
                 "  - under uWSGI: --lazy-apps; and know that without --py-call-uwsgi-fork-hooks "
                 "uWSGI forks its workers from C, where tokguard cannot repair them"
             )
+        lines.extend(_master_lines(result.get("master")))
     else:
         lines.append(f"tokguard check: internal error: {result}")
     return "\n".join(lines)

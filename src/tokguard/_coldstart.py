@@ -11,6 +11,9 @@ The settings are process-wide, so concurrent and nested blocks share one saved s
 first block to enter saves it, the last one to leave restores it. torch keeps a thread
 count per OS thread: the block limits the thread that opens it first (and torch's default
 for threads that have not run torch yet), so warm up in the thread that opens the block.
+
+Master mode (``_master``) is one more holder of the same state: a block that never ends in
+the master itself and ends in each forked child, before any user code runs there.
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ _ABSENT = "\0absent"  # os.environ values are str: this one cannot come from a r
 # Reentrant: entering a block may run a post-import hook of torch that takes it again.
 _lock = _thread.RLock()
 _holders: dict[int, int] = {}
-"""Thread ident -> how many blocks that thread has open."""
+"""Thread ident (or ``MASTER``) -> how many blocks that holder has open."""
+MASTER = -1
+"""The holder key of master mode; thread idents are never negative."""
 _saved_env: str = _ABSENT
 """TOKENIZERS_PARALLELISM in os.environ before the first block (``_ABSENT``: not there)."""
 _saved_c_env: str | None = None
@@ -43,6 +48,8 @@ _saved_c_env: str | None = None
 _saved_torch_threads = 0
 """torch.get_num_threads() before the first block; 0 while torch is not (yet) touched."""
 _torch_hook_pending = False
+_undo: dict[int, list[tuple[str | None, int]]] = {}
+"""Holder -> for each of its blocks opened while the state was held already: what it cooled."""
 
 
 def active() -> bool:
@@ -76,13 +83,15 @@ def _limit_torch(torch: ModuleType) -> None:
         torch.set_num_threads(1)
 
 
-def _enter() -> None:
+def _enter(ident: int | None = None) -> None:
     global _saved_env, _saved_c_env, _saved_torch_threads, _torch_hook_pending
-    ident = _thread.get_ident()
+    if ident is None:
+        ident = _thread.get_ident()
     with _lock:
         first = not _holders
         _holders[ident] = _holders.get(ident, 0) + 1
         if not first:
+            _undo.setdefault(ident, []).append(_cool_again())
             return
         _saved_env = os.environ.get(_env.VAR, _ABSENT)
         _saved_c_env = _env.c_getenv(_env.VAR)
@@ -101,8 +110,9 @@ def _enter() -> None:
             raise
 
 
-def _exit() -> None:
-    ident = _thread.get_ident()
+def _exit(ident: int | None = None) -> None:
+    if ident is None:
+        ident = _thread.get_ident()
     with _lock:
         count = _holders.get(ident, 0)
         if count <= 1:
@@ -110,19 +120,52 @@ def _exit() -> None:
         else:
             _holders[ident] = count - 1
         if not _holders:
+            _undo.clear()
             _restore()
+        elif _undo.get(ident):
+            _warm_again(*_undo[ident].pop())
 
 
-def _restore() -> None:
+def _cool_again() -> tuple[str | None, int]:
+    """A block opened while others hold the state: cold again what was raised meanwhile.
+
+    In a master (``_master`` holds the state for good) the app may raise torch's threads or
+    switch parallelism back on before it opens ``single_threaded()`` for its warm-up; that
+    warm-up must still run cold. Returns what to put back when this block ends: the C value
+    of the variable (None: nothing to undo) and torch's thread count (0: nothing).
+    """
+    value = _env.c_getenv(_env.VAR) if _env.c_parallel() else None
+    if value is not None:
+        _env.force_serial()
+    torch = sys.modules.get("torch")
+    threads = int(torch.get_num_threads()) if torch is not None else 0
+    if threads > 1:
+        torch.set_num_threads(1)  # type: ignore[union-attr]
+    return value, threads if threads > 1 else 0
+
+
+def _warm_again(value: str | None, threads: int) -> None:
+    """End of such a block: the values it found come back, unless changed inside it."""
+    if value is not None and _env.c_getenv(_env.VAR) == "false":
+        os.environ[_env.VAR] = value
+        os.putenv(_env.VAR, value)
+    torch = sys.modules.get("torch")
+    if threads and torch is not None and torch.get_num_threads() == 1:
+        torch.set_num_threads(threads)
+
+
+def _restore(unsafe: frozenset[str] = frozenset()) -> None:
     """Put back the saved settings; called with ``_lock`` held (or in a fork child).
 
     A setting changed inside the block is the user's newer choice and is kept; so is the
-    guard's repair in a child forked while the parent's pools ran.
+    guard's repair in a child forked while the parent's pools ran (``unsafe``: the pools
+    the child is about to be repaired for).
     """
     global _saved_torch_threads
     from . import _fork
 
-    keep_env = _env.c_getenv(_env.VAR) != "false" or "tokenizers-rayon" in _fork.repaired
+    unsafe = unsafe.union(_fork.repaired)
+    keep_env = _env.c_getenv(_env.VAR) != "false" or "tokenizers-rayon" in unsafe
     if not keep_env:
         if _saved_env == _ABSENT:
             os.environ.pop(_env.VAR, None)
@@ -136,7 +179,7 @@ def _restore() -> None:
     threads, _saved_torch_threads = _saved_torch_threads, 0
     torch = sys.modules.get("torch")
     if threads > 1 and torch is not None and torch.get_num_threads() == 1:
-        if "torch-openmp" in _fork.repaired:
+        if "torch-openmp" in unsafe:
             # This child was forked with the parent's pool running: it must stay at one
             # thread (hang-table row 5), and the guard's repair refuses anything more.
             return
@@ -189,23 +232,24 @@ def single_threaded() -> _SingleThreaded:
     return _SingleThreaded()
 
 
-def _after_fork_in_child() -> None:
-    """Only the forking thread survives: blocks other threads had open are closed here."""
+def after_fork_in_child(unsafe: frozenset[str]) -> None:
+    """Child side of a fork; ``_fork`` calls it first, before the repairs of ``unsafe`` pools.
+
+    Only the forking thread survives: blocks other threads had open are closed here, and so
+    is master mode (the child is a worker). The settings come back unless this thread still
+    has a block open: it leaves that block itself, and restores then.
+    """
     global _lock
-    try:
-        _lock = _thread.RLock()
-        ident = _thread.get_ident()
-        mine = _holders.get(ident, 0)
-        had_blocks = bool(_holders)
-        _holders.clear()
-        if mine:
-            _holders[ident] = mine  # this thread leaves its blocks itself, and restores then
-        elif had_blocks:
-            _restore()
-    except Exception as exc:  # never raise out of a fork hook
-        from . import _report
-
-        _report.internal_error("single_threaded() after fork", exc)
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
+    _lock = _thread.RLock()
+    ident = _thread.get_ident()
+    mine = _holders.get(ident, 0)
+    had_blocks = bool(_holders)
+    undo = _undo.get(ident, [])
+    _holders.clear()
+    _undo.clear()
+    if mine:
+        _holders[ident] = mine
+        if undo:
+            _undo[ident] = undo
+    elif had_blocks:
+        _restore(unsafe)

@@ -14,7 +14,7 @@ import os
 import platform
 import sys
 
-from . import _config, _env, _probes, _uwsgi
+from . import _config, _env, _master, _probes, _uwsgi
 from .cli import EXIT_OK
 
 TYPE_CHECKING = False
@@ -39,6 +39,7 @@ THREAD_VARS = (
     "OPENBLAS_NUM_THREADS",
     "RAYON_NUM_THREADS",
     "TOKGUARD_MODE",
+    "TOKGUARD_MASTER",
 )
 
 # Names that look right and are read by nobody (tokenizers' own docs name the first).
@@ -161,6 +162,7 @@ def collect(import_libraries: bool = True) -> dict[str, Any]:
         "cpus": os.cpu_count(),
     }
     info["torch"] = _torch_info(import_libraries)
+    info["master"] = _master.describe()  # after torch's import: what the workers get back
     info["threadpools"] = _threadpools(import_libraries)
     hazards, census = _probes.assess()
     info["threads"] = (
@@ -223,6 +225,12 @@ def advice(info: dict[str, Any]) -> list[str]:
             "threadpoolctl is not installed: tokguard cannot limit OpenMP pools of libraries "
             "other than torch in a forked child (pip install threadpoolctl)."
         )
+    master = info["master"]
+    if master["active"]:
+        lines.append(
+            f"This process is a preforking master ({master['reason']}): tokguard keeps its "
+            "pools cold and each forked worker gets the settings back (full-speed workers)."
+        )
     for h in info["hazards"]:
         lines.append(f"unsafe to fork now: {h['title']} ({h['evidence']}).")
     uwsgi = info.get("uwsgi")
@@ -250,6 +258,18 @@ def advice(info: dict[str, Any]) -> list[str]:
 
 def _show(value: object) -> str:
     return "unset" if value is None else repr(value)
+
+
+def _master_lines(master: dict[str, Any]) -> list[str]:
+    verdict = "a master" if master["active"] else "not a master"
+    lines = [f"Master mode   {master['switch']}: {verdict} ({master['reason']})"]
+    restores = master["restores"]
+    if restores:
+        lines.append(
+            f"  workers get {_env.VAR}={_show(restores[_env.VAR])}, "
+            f"torch threads {restores['torch_threads'] or 'default'}"
+        )
+    return lines
 
 
 def render(info: dict[str, Any]) -> str:
@@ -287,6 +307,7 @@ def render(info: dict[str, Any]) -> str:
         + ("" if sm["set"] else " (platform default, not set by the program)")
     )
     out.append(f"tokguard mode {info['mode']}")
+    out.extend(_master_lines(info["master"]))
     torch = info["torch"]
     if torch is None:
         out.append("torch       not imported")

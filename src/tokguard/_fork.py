@@ -169,6 +169,7 @@ def _after_in_child() -> None:
         hazards = _plans.pop(_thread.get_ident(), [])
         _plans.clear()
         _handoff.clear()
+        _restore_settings_in_child(hazards)
         done = []
         for hazard in hazards:
             repair = REPAIRS.get(hazard.pool)
@@ -182,6 +183,35 @@ def _after_in_child() -> None:
         repaired = tuple(done)
     except Exception as exc:
         _report.internal_error("the after-fork hook in the child", exc)
+
+
+def _restore_settings_in_child(hazards: list[Hazard]) -> None:
+    """Child step 1: the settings this child would have had, before anything else runs.
+
+    The order of the child's steps is stated here, not left to the order in which modules
+    registered fork hooks:
+
+    1. master mode and ``single_threaded()`` blocks put back the settings they kept cold in
+       the parent (``_master``, then ``_coldstart``): workers of a preforking master run at
+       full parallel speed;
+    2. the repairs of the pools judged unsafe in the parent (below): where a pool ran after
+       all, they override step 1, so a defeated master's children still cannot hang;
+    3. lazy models and the pytest plugin: their ``os.register_at_fork`` hooks were
+       registered after this one (they import tokguard first), so they run after it and
+       may already use torch.
+    """
+    coldstart = sys.modules.get("tokguard._coldstart")
+    if coldstart is None:
+        return  # no block was ever opened and no master mode began: nothing was kept cold
+    unsafe = frozenset(h.pool for h in hazards)
+    master = sys.modules.get("tokguard._master")
+    for step in (getattr(master, "after_fork_in_child", None), coldstart.after_fork_in_child):
+        if step is None:
+            continue
+        try:
+            step(unsafe)
+        except Exception as exc:
+            _report.internal_error(f"{step.__module__}.{step.__name__}", exc)
 
 
 # --- child repairs, one per pool ----------------------------------------------------------

@@ -640,6 +640,35 @@ def _after_in_child() -> None:
             _report.internal_error("the pytest plugin's after-fork hook in the child", exc)
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
+    _master_mode_under_forked(early_config)
+
+
+def _master_mode_under_forked(config: pytest.Config) -> None:
+    """Under pytest-forked's ``--forked`` this process is a preforking master.
+
+    It imports conftests and test modules (their module-level code runs here) and forks a
+    child for every test, so tokguard's master mode keeps its pools cold and each forked
+    test gets the full thread count back. Decided here, before the initial conftests load.
+    xdist's controller starts its workers instead of forking them: not a master.
+    """
+    try:
+        options = config.known_args_namespace
+        switched_off = str(getattr(options, "tokguard", None)).strip().lower() == "off"
+        if not getattr(options, "forked", False) or switched_off:
+            return
+        if "PYTEST_XDIST_WORKER" not in os.environ and (
+            getattr(options, "numprocesses", None) or getattr(options, "dist", "no") != "no"
+        ):
+            return
+        from . import _master
+
+        _master.recognised(_master.PYTEST_FORKED)
+    except Exception as exc:
+        _report.internal_error("the pytest plugin's master-mode check", exc)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("tokguard", "tokguard: unsafe forks")
     group.addoption("--tokguard", action="store", default=None, metavar="MODE", help=HELP)

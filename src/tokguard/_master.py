@@ -1,0 +1,548 @@
+"""Master mode: a preforking master keeps its pools cold, so its workers run at full speed.
+
+A *master* imports the app and warms its models but serves nothing itself: it only forks
+workers. If its warm-up starts torch's OpenMP pool or tokenizers' rayon pool, every worker
+must be repaired down to one thread (hang-table rows 4, 5, 7). If the warm-up instead runs
+with torch at one thread and tokenizers serial, no pool ever starts, and each worker, given
+back the settings the process would have had, starts its own pools at full speed on the
+shared model (hang-table row 10). That is ``single_threaded()`` for the master's whole life,
+ended in each forked child before user code runs there (``_fork`` calls this module first).
+
+Recognised without configuration, only where the evidence is unambiguous: the call stack at
+``import tokguard``, looked at again when torch, tokenizers or celery's worker is imported
+(tokguard may be imported first, by a sitecustomize, or last):
+
+- gunicorn's arbiter loading the app in ``Arbiter.setup`` with ``preload_app`` on;
+- the main process of ``celery worker`` with the prefork pool and the fork start method;
+- the ``multiprocessing`` forkserver process importing its preload modules (or ``__main__``);
+- pytest's own process under pytest-forked's ``--forked`` (the pytest plugin tells this
+  module, from pytest's parsed options).
+
+Anything else, the workers of those included, is not a master. ``TOKGUARD_MASTER`` and
+``tokguard.master_mode()`` switch it: ``auto`` (the default), ``on``, ``off``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+from . import _config, _fork, _instrument, _sites
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from types import FrameType, ModuleType, TracebackType
+    from typing import Any
+
+ENV_VAR = "TOKGUARD_MASTER"
+SWITCHES = ("auto", "on", "off")
+DEFAULT_SWITCH = "auto"
+
+switch = DEFAULT_SWITCH
+reason: str | None = None
+"""Why this process is a master now; None while it is not one."""
+provisional = False
+"""A celery master until the worker starts: its configuration may still pick another pool."""
+not_master: str | None = None
+"""Why a recognised candidate turned out not to be a master (for doctor)."""
+began_late: str | None = None
+"""Pools that had already run when master mode began: they could not be kept cold."""
+defeated_by: str | None = None
+"""``torch.set_num_threads(n)`` with n > 1 called in the master, and where."""
+_explicit = False  # master because of the switch, not because it was recognised
+_forked_from_master = False  # a worker: never recognised as a master again
+_openmp_limited: list[tuple[Any, int]] = []  # threadpoolctl controller, threads before
+
+GUNICORN = "gunicorn's arbiter loading the app with --preload (preload_app)"
+CELERY = "the main process of a celery prefork worker (it imports the tasks, then forks the pool)"
+CELERY_MAYBE = (
+    "a celery worker command, prefork pool unless its configuration picks another "
+    "(checked when the worker starts)"
+)
+FORKSERVER = "the multiprocessing forkserver process (it imports its preload modules, then forks)"
+PYTEST_FORKED = "pytest's own process under pytest-forked --forked (every test runs in a fork)"
+NOT_RECOGNISED = (
+    "none of the preforking masters recognised: gunicorn --preload arbiter, celery prefork "
+    "main process, multiprocessing forkserver, pytest --forked"
+)
+
+# Modules one of which a master has imported by the time it loads the app: without any of
+# them the stack is not even looked at.
+_EVIDENCE_MODULES = (
+    "gunicorn.arbiter",
+    "celery.bin.celery",
+    "celery.bin.worker",
+    "multiprocessing.forkserver",
+)
+_PREFORK_POOLS = ("prefork", "processes")
+
+
+# --- the switch -----------------------------------------------------------------------------
+
+
+def _choices() -> str:
+    return ", ".join(repr(s) for s in SWITCHES)
+
+
+def switch_from_env() -> str:
+    """The switch TOKGUARD_MASTER asks for; a warning and the default where it is invalid."""
+    raw = os.environ.get(ENV_VAR)
+    if raw is None or not raw.strip():
+        return DEFAULT_SWITCH
+    value = raw.strip().lower()
+    if value in SWITCHES:
+        return value
+    message = (
+        f"{ENV_VAR}={raw!r} is not a tokguard master-mode switch; valid values are "
+        f"{_choices()}. Using {DEFAULT_SWITCH!r}."
+    )
+    try:
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+    except Warning:
+        # -W error: an exception at import would stop the guard, or a server.
+        sys.stderr.write(f"RuntimeWarning: {message}\n")
+    return DEFAULT_SWITCH
+
+
+def validate(value: object, source: str) -> str:
+    """``value`` if it is a switch, else a ValueError that names ``source`` and the choices."""
+    if isinstance(value, str) and value in SWITCHES:
+        return value
+    raise ValueError(
+        f"{source}: {value!r} is not a master-mode switch; valid values are {_choices()}"
+    )
+
+
+def set_switch(value: str, source: str) -> None:
+    """Apply an already validated switch now."""
+    global switch
+    switch = value
+    if value == "off":
+        _end()
+    elif value == "on":
+        _begin(source, explicit=True)
+    else:
+        if _explicit:
+            _end()
+        checkpoint()
+
+
+class master_mode:
+    """Switch master mode: ``"auto"`` (the default), ``"on"`` or ``"off"``.
+
+    ``tokguard.master_mode("on")`` makes this process a master from now on: a home-grown
+    preforking server, a job launcher that loads a model and then forks its workers. Pools
+    stay cold here and every child forked from here gets the settings back.
+    ``tokguard.master_mode("off")`` turns it off where tokguard recognised a master (the
+    warm-up runs at full speed, the workers get today's repair). Used as a context manager,
+    the previous switch comes back at the end of the block. ``tokguard.master_mode()``
+    changes nothing: ``.active`` and ``.reason`` say whether this process is a master now,
+    and why.
+    """
+
+    def __init__(self, switch: str | None = None) -> None:
+        self.previous = current_switch()
+        if switch is not None:
+            source = f"tokguard.master_mode({switch!r})"
+            set_switch(validate(switch, "tokguard.master_mode(switch=...)"), source)
+
+    @property
+    def switch(self) -> str:
+        """The switch in force now."""
+        return current_switch()
+
+    @property
+    def active(self) -> bool:
+        """Whether this process is a master now (pools cold, children restored)."""
+        return reason is not None
+
+    @property
+    def reason(self) -> str:
+        """Why this process is, or is not, a master."""
+        return why()
+
+    def __enter__(self) -> master_mode:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        set_switch(self.previous, f"tokguard.master_mode({self.previous!r})")
+
+    def __repr__(self) -> str:
+        return f"tokguard.master_mode(switch={switch!r}, active={self.active}, reason={why()!r})"
+
+
+def current_switch() -> str:
+    return switch
+
+
+def why() -> str:
+    """Why this process is a master, or why not, in words (doctor, check, repr)."""
+    if reason is not None:
+        return reason
+    if switch == "off":
+        return f"switched off ({ENV_VAR}=off or tokguard.master_mode('off'))"
+    if _forked_from_master:
+        return "a worker forked from a master: it got the master's intended settings back"
+    if _config.mode == "off":
+        return f"{_config.ENV_VAR}=off: tokguard does nothing, master mode included"
+    return not_master or NOT_RECOGNISED
+
+
+# --- recognition ----------------------------------------------------------------------------
+
+
+def recognise() -> tuple[str | None, str]:
+    """(verdict, why) from the call stack: "master", "maybe", "no", or None when nothing is known.
+
+    One walk over the frames, and only where a master's modules are imported at all.
+    """
+    if not any(name in sys.modules for name in _EVIDENCE_MODULES):
+        return None, ""
+    frames: list[FrameType] = []
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        module = frame.f_globals.get("__name__")
+        code = frame.f_code.co_name
+        # A process started by multiprocessing or billiard runs inside _bootstrap, and a
+        # forkserver's child inside _serve_one: the stack they inherited from their parent
+        # shows the parent's role, not theirs. They are workers.
+        if code == "_bootstrap" and module in ("multiprocessing.process", "billiard.process"):
+            return None, ""
+        if code == "_serve_one" and module == "multiprocessing.forkserver":
+            return None, ""
+        frames.append(frame)
+        frame = frame.f_back
+    for frame in frames:
+        module = frame.f_globals.get("__name__")
+        code = frame.f_code.co_name
+        if module == "gunicorn.arbiter" and code == "setup":
+            cfg = getattr(frame.f_locals.get("self"), "cfg", None)
+            if getattr(cfg, "preload_app", False) is True:
+                return "master", GUNICORN
+            return "no", "gunicorn's arbiter without --preload (workers load the app)"
+        if module == "multiprocessing.forkserver" and code == "main":
+            return "master", FORKSERVER
+        if module == "celery.bin.worker" and code == "worker":
+            return _celery_worker(frame.f_locals)
+        if module == "celery.bin.celery" and code == "celery":
+            return _celery_command(frame.f_locals.get("ctx"))
+    return None, ""
+
+
+def _is_prefork(pool: object) -> bool:
+    if isinstance(pool, str):
+        return pool.lower() in _PREFORK_POOLS
+    mro = getattr(pool, "__mro__", ())
+    return any(getattr(c, "__module__", None) == "celery.concurrency.prefork" for c in mro)
+
+
+def _celery_worker(local: dict[str, Any]) -> tuple[str, str]:
+    """Inside celery's ``worker`` command: the pool class is resolved, config included."""
+    options = local.get("kwargs") or {}
+    pool = options.get("pool") or local.get("pool_cls")  # click names the -P option "pool"
+    if options.get("detach"):
+        return "no", "celery worker --detach (the worker runs in a new process)"
+    if not _is_prefork(pool):
+        name = getattr(pool, "__module__", pool)
+        return "no", f"a celery worker with a pool that does not fork ({name})"
+    method = options.get("pool_start_method")
+    if method is None:
+        try:
+            method = getattr(local["app"].conf, "worker_pool_start_method", None)
+        except Exception:  # an app without that setting (older celery) forks
+            method = None
+    if method not in (None, "fork"):
+        return "no", f"a celery prefork worker that starts its children with {method!r}"
+    return "master", CELERY
+
+
+def _option(args: list[str], short: str | None, long: str) -> str | None:
+    """The value of ``-X value``, ``-Xvalue``, ``--long value`` or ``--long=value`` in args."""
+    for i, arg in enumerate(args):
+        if arg == "--":
+            break
+        if arg in (short, long):
+            return args[i + 1] if i + 1 < len(args) else None
+        if arg.startswith(long + "="):
+            return arg[len(long) + 1 :]
+        if short and arg.startswith(short) and not arg.startswith("--"):
+            return arg[len(short) :]
+    return None
+
+
+def _celery_command(ctx: object) -> tuple[str | None, str]:
+    """In celery's group command: the app module is being imported, the worker not built yet.
+
+    Only the command line (and click's CELERY_WORKER_* variables) is known here; the app's
+    own configuration may still choose another pool, so a prefork-looking worker is a master
+    provisionally, until the worker command resolves its pool.
+    """
+    command = getattr(ctx, "invoked_subcommand", None)
+    if command != "worker":
+        return ("no", f"celery {command}") if command else (None, "")
+    argv = sys.argv[1:]
+    args = argv[argv.index("worker") + 1 :] if "worker" in argv else []
+    if "-D" in args or "--detach" in args:
+        return "no", "celery worker --detach (the worker runs in a new process)"
+    pool = _option(args, "-P", "--pool") or os.environ.get("CELERY_WORKER_POOL")
+    if pool and pool.lower() not in _PREFORK_POOLS:
+        return "no", f"a celery worker with the {pool!r} pool (it does not fork workers)"
+    method = _option(args, None, "--pool-start-method") or os.environ.get(
+        "CELERY_WORKER_POOL_START_METHOD"
+    )
+    if method and method != "fork":
+        return "no", f"a celery prefork worker that starts its children with {method!r}"
+    return "maybe", CELERY_MAYBE
+
+
+def checkpoint() -> None:
+    """Look at the stack again (import of tokguard, torch, tokenizers, celery's worker)."""
+    global not_master
+    if switch != "auto" or _forked_from_master or _config.mode == "off":
+        return
+    if reason is not None and not provisional:
+        return
+    verdict, found = recognise()
+    if verdict == "master":
+        _begin(found)
+    elif verdict == "maybe" and reason is None:
+        _begin(found, maybe=True)
+    elif verdict == "no":
+        not_master = found
+        if reason is not None and provisional and not _explicit:
+            _end()
+
+
+def recognised(found: str) -> None:
+    """A master recognised from outside this module (the pytest plugin: ``--forked``)."""
+    if switch == "auto" and not _forked_from_master and _config.mode != "off":
+        _begin(found)
+
+
+# --- keeping the pools cold ----------------------------------------------------------------
+
+
+def _begin(found: str, maybe: bool = False, explicit: bool = False) -> None:
+    global reason, provisional, began_late, _explicit
+    if reason is not None:
+        if provisional and not maybe:
+            # A provisional master confirmed (or switched on explicitly meanwhile).
+            reason, provisional, _explicit = found, False, explicit
+        return
+    from . import _coldstart, _probes
+
+    # What already ran cannot be made cold: say so if a fork is reported later.
+    running = _probes.hazards()
+    began_late = ", ".join(h.title for h in running) or None
+    reason, provisional, _explicit = found, maybe, explicit
+    _coldstart._enter(_coldstart.MASTER)
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "set_num_threads"):
+        _watch_torch(torch)
+    _limit_other_openmp()
+    _log(
+        f"master mode on: {found}. Pools stay cold here; each forked worker gets the "
+        f"settings back. {ENV_VAR}=off turns it off."
+    )
+
+
+def _end() -> None:
+    """Leave master mode in this process: the settings come back here."""
+    global reason, provisional, _explicit
+    if reason is None:
+        return
+    reason = None
+    provisional = _explicit = False
+    _unwatch_torch()
+    _restore_openmp()
+    from . import _coldstart
+
+    _coldstart._exit(_coldstart.MASTER)
+
+
+def after_fork_in_child(unsafe: frozenset[str]) -> None:
+    """Child step 1a (``_fork`` calls it, then ``_coldstart``'s, which restores the settings)."""
+    global reason, provisional, _explicit, _forked_from_master
+    if reason is None:
+        return
+    reason = None
+    provisional = _explicit = False
+    _forked_from_master = True
+    _unwatch_torch()
+    if "openmp" in unsafe:
+        _openmp_limited.clear()  # the repair limits OpenMP to one thread for good
+    else:
+        _restore_openmp()
+
+
+def _watch_torch(torch: ModuleType) -> None:
+    """Note where the master raises torch's threads: the line that defeats master mode."""
+    current = torch.set_num_threads
+    if getattr(current, "__tokguard_master__", False):
+        return
+
+    def set_num_threads(n: int) -> None:
+        global defeated_by
+        if reason is not None and defeated_by is None and isinstance(n, int) and n > 1:
+            site = _sites.user_site(_sites.POOL_LIBRARIES) or "an unknown place"
+            defeated_by = f"torch.set_num_threads({n}) at {site}"
+        current(n)
+
+    set_num_threads.__doc__ = current.__doc__
+    set_num_threads.__tokguard_master__ = True  # type: ignore[attr-defined]
+    set_num_threads.__tokguard_wrapped__ = current  # type: ignore[attr-defined]
+    set_num_threads.__tokguard_original__ = getattr(  # type: ignore[attr-defined]
+        current, "__tokguard_original__", current
+    )
+    torch.set_num_threads = set_num_threads  # type: ignore[attr-defined]
+
+
+def _unwatch_torch() -> None:
+    torch = sys.modules.get("torch")
+    current = getattr(torch, "set_num_threads", None)
+    if getattr(current, "__tokguard_master__", False):
+        torch.set_num_threads = current.__tokguard_wrapped__  # type: ignore[union-attr]
+
+
+def _openmp_runtimes() -> set[str]:
+    """Paths of the OpenMP runtimes mapped into this process, torch's own left out."""
+    torch = sys.modules.get("torch")
+    torch_file = getattr(torch, "__file__", None)
+    torch_dir = os.path.dirname(os.path.realpath(torch_file)) + os.sep if torch_file else None
+    found = set()
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                if "omp" not in line:
+                    continue
+                path = line.split(None, 5)[-1].strip()
+                name = os.path.basename(path)
+                if name.startswith(("libgomp", "libomp", "libiomp")):
+                    found.add(os.path.realpath(path))
+    except OSError:
+        return set()
+    return {p for p in found if not (torch_dir and p.startswith(torch_dir))}
+
+
+def _limit_other_openmp() -> None:
+    """Other libraries' OpenMP runtimes at one thread, through threadpoolctl when installed.
+
+    torch's own runtime is left to ``torch.set_num_threads`` (``_coldstart``), which also
+    remembers the count the workers get back. Runtimes are looked for when master mode
+    begins and when torch, tokenizers or sklearn is imported; one loaded otherwise is not
+    limited, and if its pool runs in the master, the fork is reported and repaired.
+    """
+    if reason is None:
+        return
+    done = {os.path.realpath(c.filepath) for c, _ in _openmp_limited}
+    wanted = _openmp_runtimes() - done
+    if not wanted:
+        return
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return
+    for controller in ThreadpoolController().select(user_api="openmp").lib_controllers:
+        if os.path.realpath(controller.filepath) not in wanted:
+            continue
+        threads = int(controller.num_threads)
+        if threads > 1:
+            controller.set_num_threads(1)
+            _openmp_limited.append((controller, threads))
+
+
+def _restore_openmp() -> None:
+    limited = list(_openmp_limited)
+    _openmp_limited.clear()
+    for controller, threads in limited:
+        controller.set_num_threads(threads)
+
+
+# --- reports --------------------------------------------------------------------------------
+
+
+def notes() -> list[str]:
+    """Lines for a fork report made while master mode was on: it was defeated."""
+    if reason is None:
+        return []
+    lines = [
+        f"Master mode was on ({reason}): tokguard kept the pools cold so that workers "
+        "would run at full speed, but a pool ran in this master anyway."
+    ]
+    if began_late:
+        lines.append(
+            f"Master mode began after {began_late} had already run: import tokguard before "
+            "anything loads or runs a model."
+        )
+    if defeated_by:
+        lines.append(f"Master mode was defeated by {defeated_by}.")
+    elif not began_late:
+        lines.append("Master mode was defeated by the first use named above.")
+    lines.append(
+        "The children get the repair above instead of full speed: leave thread counts and "
+        "TOKENIZERS_PARALLELISM alone in the master, or do that work in the workers."
+    )
+    return lines
+
+
+def _log(message: str) -> None:
+    # Never imported here (it registers fork hooks of its own, and costs the import budget);
+    # an application that configured logging hears it, others stay quiet.
+    logging = sys.modules.get("logging")
+    if logging is None:
+        return
+    logger = logging.getLogger("tokguard")
+    if not logger.handlers:
+        logger.addHandler(logging.NullHandler())
+    logger.info(message)
+
+
+def describe() -> dict[str, Any]:
+    """Master mode as doctor and check show it: the switch, the verdict and why."""
+    info: dict[str, Any] = {
+        "switch": switch,
+        "active": reason is not None,
+        "provisional": provisional,
+        "reason": why(),
+        "restores": None,
+    }
+    coldstart = sys.modules.get("tokguard._coldstart")
+    if reason is not None and coldstart is not None:
+        value, threads = coldstart.restored_settings()
+        info["restores"] = {
+            "TOKENIZERS_PARALLELISM": value,
+            "torch_threads": threads or None,
+            "openmp": {c.filepath: n for c, n in _openmp_limited},
+        }
+    return info
+
+
+def _on_import(module: ModuleType) -> None:
+    checkpoint()
+    if reason is None:
+        return
+    if module.__name__ == "torch":
+        _watch_torch(module)
+    _limit_other_openmp()
+
+
+def install() -> None:
+    """Read the switch and look for a master now and at each later checkpoint (import time)."""
+    global switch
+    switch = switch_from_env()
+    if notes not in _fork.note_providers:
+        _fork.note_providers.append(notes)
+    if switch == "on":
+        _begin(f"{ENV_VAR}=on", explicit=True)
+    else:
+        checkpoint()
+    # sklearn: its import loads a GNU OpenMP runtime of its own (sentence-transformers
+    # imports it); celery.apps.worker: imported once the worker command knows its pool.
+    for name in ("torch", "tokenizers", "sklearn", "celery.apps.worker"):
+        _instrument.when_imported(name, _on_import)
