@@ -314,10 +314,13 @@ def render(result: dict[str, Any]) -> str:
                 )
             lines.append("  Fix it for good, any one of:")
             lines.extend(f"  - {fix}" for fix in FIXES)
-            lines.append("  - do not preload: gunicorn without --preload")
-            lines.append(
-                "  - under uWSGI: --lazy-apps; and know that without --py-call-uwsgi-fork-hooks "
-                "uWSGI forks its workers from C, where tokguard cannot repair them"
+            lines.extend(
+                (
+                    "  - do not preload: gunicorn without --preload",
+                    "  - under uWSGI: --lazy-apps; and know that without "
+                    "--py-call-uwsgi-fork-hooks uWSGI forks its workers from C, where tokguard "
+                    "cannot repair them",
+                )
             )
         lines.extend(_master_lines(result.get("master")))
     else:

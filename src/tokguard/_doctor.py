@@ -282,9 +282,13 @@ def render(info: dict[str, Any]) -> str:
     for name, version in info["versions"].items():
         out.append(f"  {name:22} {version or 'not installed'}")
     tp = info["tokenizers_parallelism"]
-    out.append(_env.VAR)
-    out.append(f"  os.environ             {_show(tp['os_environ'])}")
-    out.append(f"  C environment          {_show(tp['c_environment'])}  (what tokenizers reads)")
+    out.extend(
+        (
+            _env.VAR,
+            f"  os.environ             {_show(tp['os_environ'])}",
+            f"  C environment          {_show(tp['c_environment'])}  (what tokenizers reads)",
+        )
+    )
     out.append(
         "  set by tokguard        "
         + ("yes (it was unset; tokguard set false)" if tp["set_by_tokguard"] else "no")
