@@ -15,6 +15,7 @@ from __future__ import annotations
 import _thread
 import os
 import sys
+from types import FunctionType  # loaded at interpreter start anyway (site imports it)
 
 from . import _config, _env, _instrument, _probes, _report, _sites, _threads
 
@@ -71,6 +72,8 @@ def _guard(real: Callable[[], Any]) -> Callable[[], Any]:
                     raise _report.UnsafeForkError(report.message, report)
             _handoff[ident] = report
         try:
+            if _ATTRIBUTE_FORK_WARNING:
+                return _as_caller(sys._getframe(1))(real)
             return real()
         finally:
             _handoff.pop(ident, None)
@@ -80,6 +83,36 @@ def _guard(real: Callable[[], Any]) -> Callable[[], Any]:
     fork.__doc__ = real.__doc__
     fork.__tokguard_original__ = real  # type: ignore[attr-defined]
     return fork
+
+
+# CPython 3.12+ warns "This process is multi-threaded, use of fork() may lead to deadlocks"
+# from inside os.fork, attributed to the Python frame that called it: with the wrapper in
+# between, that frame would be tokguard's and every user with a thread would see our file
+# blamed (and their per-module filters would not match). So the wrapper calls the real fork
+# from a one-line trampoline compiled with the caller's file name and line, and run with the
+# caller's globals: the interpreter then attributes the warning exactly as it would without
+# tokguard (file, line, module, warnings registry), and swallows it under -W error as usual.
+_ATTRIBUTE_FORK_WARNING = sys.version_info >= (3, 12)
+_trampoline_code = (lambda real: real()).__code__
+_trampolines: dict[tuple[object, int], Callable[[Callable[[], Any]], Any]] = {}
+
+
+def _as_caller(frame: FrameType) -> Callable[[Callable[[], Any]], Any]:
+    """A function that calls its argument from a frame that looks like ``frame``'s line."""
+    key = (frame.f_code, frame.f_lineno)
+    trampoline = _trampolines.get(key)
+    if trampoline is None:
+        code = _trampoline_code.replace(
+            co_filename=frame.f_code.co_filename,
+            co_firstlineno=frame.f_lineno,
+            co_name=frame.f_code.co_name,
+        )
+        trampoline = FunctionType(code, frame.f_globals)
+        if (
+            len(_trampolines) < 1024
+        ):  # fork sites are few; a bound keeps a pathological caller cheap
+            _trampolines[key] = trampoline
+    return trampoline
 
 
 def _from_subprocess() -> bool:
