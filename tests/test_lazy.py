@@ -92,7 +92,10 @@ def test_failure_reaches_every_waiter_then_retries() -> None:
     @lazy_model
     def model() -> str:
         attempts.append(1)
-        time.sleep(0.05)
+        # Long enough that all 16 callers arrive during this attempt: a caller that arrives
+        # after it failed starts the next one, by design. 50 ms was not enough with free
+        # threading on 2 busy cores (1 run in 10 had a caller that late).
+        time.sleep(0.5)
         if len(attempts) == 1:
             raise OSError("model file missing")
         return "loaded"

@@ -171,7 +171,7 @@ def test_fork_after_batch_fails_with_report(
             "*first used at *test_fork.py:* in test_fork_after_batch",
             "tokguard mode 'fail': this test forked while a native pool was running*",
             "*= tokguard: 1 unsafe fork in 1 test, 1 child repaired =*",
-            # pytest 9 adds " - <first line of the report>"; pytest 8 (Python 3.9) does not.
+            # pytest 9 adds " - <first line of the report>".
             "FAILED test_fork.py::test_fork_after_batch*",
         ]
     )

@@ -25,21 +25,14 @@ from __future__ import annotations
 
 import _thread
 import os
-import sys
 import threading
 import weakref
 from collections.abc import Coroutine
-from typing import Any, Callable, Protocol, TypeVar, overload
+from typing import Any, Callable, ParamSpec, Protocol, TypeVar, overload
 
 from . import _fork
 
-if sys.version_info >= (3, 10):
-    from typing import ParamSpec
-
-    _P = ParamSpec("_P")
-else:  # pragma: no cover - annotations are never evaluated at runtime
-    _P = TypeVar("_P")
-
+_P = ParamSpec("_P")
 _T = TypeVar("_T")
 _T_co = TypeVar("_T_co", covariant=True)
 
