@@ -248,12 +248,12 @@ def main() -> None:
 
     headers = ("measurement", "without tokguard", "with tokguard", "ratio", "note")
     widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(5)]
-    line = " | ".join(h.ljust(w) for h, w in zip(headers, widths))
+    line = " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=False))
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores")
     print(line)
     print("-+-".join("-" * w for w in widths))
     for row in rows:
-        print(" | ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+        print(" | ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)))
 
 
 if __name__ == "__main__":

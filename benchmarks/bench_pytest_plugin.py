@@ -130,14 +130,21 @@ def main() -> None:
                     results[name].append(run_once(root, extra, env))
             medians = {}
             for name, runs in results.items():
-                series = list(zip(*runs))
+                series = list(zip(*runs, strict=False))
                 medians[name] = [statistics.median(values) for values in series]
                 cells = "".join(
-                    f" {m:>14.3f}s {min(values):>8.3f}s" for m, values in zip(medians[name], series)
+                    f" {m:>14.3f}s {min(values):>8.3f}s"
+                    for m, values in zip(medians[name], series, strict=False)
                 )
                 print(f"{kind:<8} {name:<15}{cells}")
             off, on = medians["-p no:tokguard"], medians["plugin on"]
-            ratios.append((kind, [n / f for n, f in zip(on, off)], (on[1] - off[1]) / args.tests))
+            ratios.append(
+                (
+                    kind,
+                    [n / f for n, f in zip(on, off, strict=False)],
+                    (on[1] - off[1]) / args.tests,
+                )
+            )
     print()
     print(
         f"{'suite':<8}"

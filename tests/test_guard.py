@@ -336,7 +336,7 @@ def test_warn_once_per_site_names_pool_first_use_and_fork_site(tmp_path: Path) -
     assert len(data["records"]) == 2, data
     first_use = f"{script}:{line_of(WARN_SCRIPT, 'FIRST_USE')}"
     for (category, message, filename, lineno), marker in zip(
-        data["warnings"], ["FORK_A", "FORK_B"]
+        data["warnings"], ["FORK_A", "FORK_B"], strict=False
     ):
         fork_line = line_of(WARN_SCRIPT, marker)
         assert category == "UnsafeForkWarning"

@@ -26,8 +26,9 @@ from . import _env, _instrument
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from types import ModuleType, TracebackType
-    from typing import Callable, TypeVar
+    from typing import TypeVar
 
     _F = TypeVar("_F", bound=Callable[..., object])
 

@@ -276,7 +276,7 @@ def render(rows: list[dict[str, Any]], total: float) -> str:
     widths = [max(len(line[i]) for line in table) for i in range(3)]
     out = []
     for i, line in enumerate(table):
-        out.append("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
+        out.append("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=False)).rstrip())
         if i == 0:
             out.append("  ".join("-" * w for w in widths))
     out.append("")

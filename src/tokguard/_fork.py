@@ -21,8 +21,9 @@ from . import _config, _env, _forkers, _instrument, _probes, _report, _sites, _t
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from types import FrameType
-    from typing import Any, Callable
+    from typing import Any
 
     from ._probes import Hazard
 

@@ -17,10 +17,10 @@ from . import _env, _probes, _sites
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
     from importlib.machinery import ModuleSpec
     from types import ModuleType
-    from typing import Any, Callable
+    from typing import Any
 
 _hooks: dict[str, list[Callable[[ModuleType], None]]] = {}
 

@@ -14,7 +14,7 @@ from . import _env, _threads
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Callable
+    from collections.abc import Callable
 
 # First uses, recorded by _instrument as "file:line in function" of the user's code.
 rayon_first_use: str | None = None

@@ -13,7 +13,7 @@ import warnings
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Callable
+    from collections.abc import Callable
 
     from ._probes import Hazard
     from ._threads import Census

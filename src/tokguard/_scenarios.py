@@ -43,8 +43,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from types import ModuleType
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 THREADS = 2  # torch intra-op threads: explicit, so row 4 hangs even where the default is 1
 _REEXEC_MARK = "_TOKGUARD_SCENARIO_REEXEC"

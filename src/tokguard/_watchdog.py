@@ -41,8 +41,8 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Iterable
-from typing import Callable, NamedTuple
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 __all__ = [
     "SETTLE",

@@ -27,8 +27,8 @@ import _thread
 import os
 import threading
 import weakref
-from collections.abc import Coroutine
-from typing import Any, Callable, ParamSpec, Protocol, TypeVar, overload
+from collections.abc import Callable, Coroutine
+from typing import Any, ParamSpec, Protocol, TypeVar, overload
 
 from . import _fork
 

@@ -36,8 +36,8 @@ from ._report import FIXES, ForkReport, first_use_line, subscribe
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Generator, Iterator
-    from typing import Any, Callable
+    from collections.abc import Callable, Generator, Iterator
+    from typing import Any
 
     from _pytest.fixtures import FixtureDef, SubRequest
     from pluggy import Result
@@ -309,7 +309,7 @@ class TokguardPlugin:
     # --- pytest's side ------------------------------------------------------------------
 
     def note_origins(self, before: tuple[str | None, ...], where: str) -> None:
-        for name, old, new in zip(_FIRST_USES, before, _first_uses()):
+        for name, old, new in zip(_FIRST_USES, before, _first_uses(), strict=False):
             if old is None and new is not None:
                 self.origins.setdefault(_POOL_OF[name], where)
 

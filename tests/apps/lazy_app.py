@@ -19,7 +19,8 @@ import tokguard  # first: the guard is installed before torch and tokenizers loa
 import json
 import os
 import time
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import sentence_transformers  # noqa: F401 (imported in the master, as apps do)
 import torch

@@ -14,8 +14,8 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-from collections.abc import Awaitable, Iterable
-from typing import Any, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 import server_model
 import torch
