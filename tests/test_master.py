@@ -99,7 +99,7 @@ except ValueError as exc:
         guard=None,
     )
     assert values(result)["ERROR"] == (
-        f"tokguard.master_mode(switch=...): 'yes' is not a master-mode switch; valid values are {SWITCHES}"
+        f"tokguard.master_mode(switch=...): 'yes' is not a tokguard master-mode switch; valid values are {SWITCHES}"
     )
 
 

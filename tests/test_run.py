@@ -164,7 +164,7 @@ def test_gate_off_only_chains(tmp_path: Path) -> None:
     ("argv", "status", "message"),
     [
         (["run", "--mode", "loud", "--", "true"], 64,
-         "tokguard run: error: --mode 'loud' is not a tokguard mode; valid modes are 'warn', 'raise', 'off'"),
+         "tokguard run: error: --mode: 'loud' is not a tokguard mode; valid values are 'warn', 'raise', 'off'"),
         (["run"], 64, "tokguard run: error: a command is required: tokguard run [--mode MODE] -- CMD"),
         (["run", "--", "no-such-command-tg"], 127, "tokguard run: no-such-command-tg: command not found"),
         (["run", "--", "/nonexistent/bin/x"], 127, "tokguard run: /nonexistent/bin/x: command not found"),

@@ -23,36 +23,51 @@ mode = DEFAULT_MODE
 """Read on every fork: a plain module global is the cheapest thing to look up."""
 
 
-def _choices() -> str:
-    return ", ".join(repr(m) for m in MODES)
+def choices(values: tuple[str, ...]) -> str:
+    """``'a', 'b', 'c'``: how every message names the valid values."""
+    return ", ".join(repr(v) for v in values)
 
 
-def mode_from_env() -> str:
-    """The mode TOKGUARD_MODE asks for; a warning and the default where it is invalid."""
-    raw = os.environ.get(ENV_VAR)
-    if raw is None or not raw.strip():
-        return DEFAULT_MODE
-    value = raw.strip().lower()
-    if value in MODES:
+def validate(value: object, source: str, what: str, values: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``values``, else a ValueError naming ``source`` and the choices.
+
+    The one validator of tokguard's settings (``configure()``, ``master_mode()``, the pytest
+    plugin's option, ini value and markers), so every bad value is reported the same way.
+    """
+    if isinstance(value, str) and value in values:
         return value
-    message = (
-        f"{ENV_VAR}={raw!r} is not a tokguard mode; valid values are {_choices()}. "
-        f"Using {DEFAULT_MODE!r}."
-    )
+    raise ValueError(f"{source}: {value!r} is not {what}; valid values are {choices(values)}")
+
+
+def from_env(var: str, what: str, values: tuple[str, ...], default: str) -> str:
+    """The value ``var`` asks for; a warning and ``default`` where it is invalid.
+
+    Read at import: an exception there would take a server down, so a bad value warns.
+    """
+    raw = os.environ.get(var)
+    if raw is None or not raw.strip():
+        return default
+    value = raw.strip().lower()
+    if value in values:
+        return value
+    message = f"{var}={raw!r} is not {what}; valid values are {choices(values)}. Using {default!r}."
     try:
-        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
     except Warning:
         # -W error made the warning an exception; at import it would stop the guard (or a
         # server), so say it on stderr instead.
         sys.stderr.write(f"RuntimeWarning: {message}\n")
-    return DEFAULT_MODE
+    return default
+
+
+def mode_from_env() -> str:
+    """The mode TOKGUARD_MODE asks for; a warning and the default where it is invalid."""
+    return from_env(ENV_VAR, "a tokguard mode", MODES, DEFAULT_MODE)
 
 
 def validate_mode(value: object, source: str) -> str:
     """``value`` if it is a mode, else a ValueError that names ``source`` and the choices."""
-    if isinstance(value, str) and value in MODES:
-        return value
-    raise ValueError(f"{source}: {value!r} is not a tokguard mode; valid values are {_choices()}")
+    return validate(value, source, "a tokguard mode", MODES)
 
 
 class configure:

@@ -26,9 +26,8 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 
-from . import _config, _fork, _instrument, _sites
+from . import _config, _fork, _instrument, _report, _sites
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -81,37 +80,17 @@ _PREFORK_POOLS = ("prefork", "processes")
 # --- the switch -----------------------------------------------------------------------------
 
 
-def _choices() -> str:
-    return ", ".join(repr(s) for s in SWITCHES)
+_WHAT = "a tokguard master-mode switch"
 
 
 def switch_from_env() -> str:
     """The switch TOKGUARD_MASTER asks for; a warning and the default where it is invalid."""
-    raw = os.environ.get(ENV_VAR)
-    if raw is None or not raw.strip():
-        return DEFAULT_SWITCH
-    value = raw.strip().lower()
-    if value in SWITCHES:
-        return value
-    message = (
-        f"{ENV_VAR}={raw!r} is not a tokguard master-mode switch; valid values are "
-        f"{_choices()}. Using {DEFAULT_SWITCH!r}."
-    )
-    try:
-        warnings.warn(message, RuntimeWarning, stacklevel=2)
-    except Warning:
-        # -W error: an exception at import would stop the guard, or a server.
-        sys.stderr.write(f"RuntimeWarning: {message}\n")
-    return DEFAULT_SWITCH
+    return _config.from_env(ENV_VAR, _WHAT, SWITCHES, DEFAULT_SWITCH)
 
 
 def validate(value: object, source: str) -> str:
     """``value`` if it is a switch, else a ValueError that names ``source`` and the choices."""
-    if isinstance(value, str) and value in SWITCHES:
-        return value
-    raise ValueError(
-        f"{source}: {value!r} is not a master-mode switch; valid values are {_choices()}"
-    )
+    return _config.validate(value, source, _WHAT, SWITCHES)
 
 
 def set_switch(value: str, source: str) -> None:
@@ -346,9 +325,10 @@ def _begin(found: str, maybe: bool = False, explicit: bool = False) -> None:
     if torch is not None and hasattr(torch, "set_num_threads"):
         _watch_torch(torch)
     _limit_other_openmp()
-    _log(
+    _report.log(
         f"master mode on: {found}. Pools stay cold here; each forked worker gets the "
-        f"settings back. {ENV_VAR}=off turns it off."
+        f"settings back. {ENV_VAR}=off turns it off.",
+        level="info",
     )
 
 
@@ -489,18 +469,6 @@ def notes() -> list[str]:
         "TOKENIZERS_PARALLELISM alone in the master, or do that work in the workers."
     )
     return lines
-
-
-def _log(message: str) -> None:
-    # Never imported here (it registers fork hooks of its own, and costs the import budget);
-    # an application that configured logging hears it, others stay quiet.
-    logging = sys.modules.get("logging")
-    if logging is None:
-        return
-    logger = logging.getLogger("tokguard")
-    if not logger.handlers:
-        logger.addHandler(logging.NullHandler())
-    logger.info(message)
 
 
 def describe() -> dict[str, Any]:

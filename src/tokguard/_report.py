@@ -154,7 +154,7 @@ def publish(report: ForkReport) -> None:
     if report.refused or key in _warned:
         return
     _warned.add(key)
-    _log(report.message)
+    log(report.message)
     filename, lineno = _split_site(report.fork_site)
     # warn_explicit attributes the warning to the user's fork site, so per-module filters
     # and pytest's warning capture see it where the user can act on it.
@@ -183,7 +183,8 @@ def _split_site(site: str | None) -> tuple[str, int]:
     return "<fork>", 0
 
 
-def _log(message: str) -> None:
+def log(message: str, level: str = "warning") -> None:
+    """Tell the ``tokguard`` logger, where the application has set up logging."""
     # Never imported here: this runs inside a before-fork hook, and logging registers fork
     # hooks of its own when imported, whose after-fork half would then release a lock it
     # never took. An application that never imported logging has no handler to reach anyway.
@@ -195,7 +196,7 @@ def _log(message: str) -> None:
         # A library's logger stays quiet unless the application configures logging; the
         # warning already reaches stderr, and logging's last-resort handler would repeat it.
         logger.addHandler(logging.NullHandler())
-    logger.warning(message)
+    getattr(logger, level)(message)
 
 
 def internal_error(where: str, exc: BaseException) -> None:

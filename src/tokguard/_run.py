@@ -154,11 +154,8 @@ def main(command: list[str], mode: str | None) -> int:
     if mode is not None:
         try:
             mode = _config.validate_mode(mode.strip().lower(), "--mode")
-        except ValueError:
-            raise UsageError(
-                f"--mode {mode!r} is not a tokguard mode; valid modes are "
-                + ", ".join(repr(m) for m in _config.MODES)
-            ) from None
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     name = command[0]
     path = resolve(name)
     if path is None:
