@@ -4,7 +4,7 @@ Run: ``HF_HUB_OFFLINE=1 python benchmarks/bench_clients.py`` (any interpreter wh
 you want to measure: run it with two checkouts' interpreters to compare them).
 
 Each state is measured in a fresh interpreter: the median time of ``_fork._judge`` (what
-the ``os.fork`` wrapper does before every fork), of ``_probes.assess`` alone, and of naming
+the ``os.fork`` wrapper does before every fork), of ``pools.assess`` alone, and of naming
 the fork site (``_sites.user_site``), over many calls. A spinning OpenMP worker
 (``OMP_WAIT_POLICY=ACTIVE``) is the case where the census could wait for threads to settle:
 the first judgement and the later ones are shown apart.
@@ -33,7 +33,7 @@ STATES = {
 WORKER = """
 import json, statistics, time, warnings
 import tokguard
-from tokguard import _fork, _probes, _sites
+from tokguard import _fork, _sites, pools
 {setup}
 warnings.simplefilter("ignore")
 start = time.perf_counter()
@@ -50,7 +50,7 @@ print(json.dumps({{
     "pools": list(first.pools) if first else [],
     "first_judge_us": first_us,
     "judge_us": median(lambda: _fork._judge(refusable=True, depth=1), 300),
-    "assess_us": median(_probes.assess, 300),
+    "assess_us": median(pools.assess, 300),
     "site_us": median(lambda: _sites.user_site(_sites.FORK_LIBRARIES), 2000),
 }}))
 """

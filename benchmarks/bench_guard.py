@@ -111,12 +111,12 @@ def worker_fork(guard: bool, torch_idle: bool, forks: int) -> None:
         times.append(time.perf_counter() - start)
     result = {"fork_us": statistics.median(times) * 1e6}
     if guard:
-        from tokguard import _fork, _probes
+        from tokguard import _fork, pools
 
         judge, assess = [], []
         for _ in range(2000):
             start = time.perf_counter()
-            _probes.assess()
+            pools.assess()
             assess.append(time.perf_counter() - start)
             start = time.perf_counter()
             _fork._judge(refusable=True, depth=1)
@@ -144,7 +144,7 @@ def bench_fork(forks: int) -> None:
             f"+{guarded['fork_us'] - bare['fork_us']:.1f} us per fork",
         )
         add_plain(
-            f"  judgement alone (_probes.assess / _fork._judge), {label}",
+            f"  judgement alone (pools.assess / _fork._judge), {label}",
             f"{guarded['assess_us']:.2f} / {guarded['judge_us']:.2f} us",
             "target < 30 us",
         )

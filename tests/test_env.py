@@ -152,6 +152,6 @@ def test_misspellings_are_not_the_variable() -> None:
     """Misspelled names are listed (for doctor) and none of them is the real variable."""
     from tokguard import _env
 
-    assert _env.VAR == "TOKENIZERS_PARALLELISM"
+    assert _env.PARALLELISM_VAR == "TOKENIZERS_PARALLELISM"
     assert "TOKENIZER_PARALLELISM" in _env.MISSPELLINGS
-    assert _env.VAR not in _env.MISSPELLINGS
+    assert _env.PARALLELISM_VAR not in _env.MISSPELLINGS

@@ -13,15 +13,15 @@ def test_batch_records_first_use_only_when_parallel() -> None:
     """encode_batch records a first use while parallelism is on, and not while it is off."""
     code = """
     import os
-    from tokguard import _probes
+    from tokguard.pools import tokenizers_rayon
     tok = _lab.train_tokenizer()
     tok.encode_batch(["a b", "c d"])  # parallelism false (tokguard's default)
-    print("OFF=%s" % _probes.rayon_first_use)
+    print("OFF=%s" % tokenizers_rayon.POOL.first_use)
     os.environ["TOKENIZERS_PARALLELISM"] = "1"
     tok.encode("a b")  # no padding: a single encode starts no pool
-    print("PLAIN=%s" % _probes.rayon_first_use)
+    print("PLAIN=%s" % tokenizers_rayon.POOL.first_use)
     tok.encode_batch(["a b", "c d"])
-    print("ON=%s" % _probes.rayon_first_use)
+    print("ON=%s" % tokenizers_rayon.POOL.first_use)
     """
     result = run_py(code, guard=True)
     assert result.returncode == 0, str(result)
@@ -35,11 +35,11 @@ def test_batch_records_first_use_only_when_parallel() -> None:
 def test_padded_single_encode_records_first_use() -> None:
     """A single encode with padding enabled starts the pool, so it is recorded."""
     code = """
-    from tokguard import _probes
+    from tokguard.pools import tokenizers_rayon
     tok = _lab.train_tokenizer()
     tok.enable_padding()
     tok.encode("a b")
-    print("FIRST=%s" % _probes.rayon_first_use)
+    print("FIRST=%s" % tokenizers_rayon.POOL.first_use)
     print("HAZARDS=%s" % [h.pool for h in tokguard.hazards()])
     """
     result = run_py(code, guard=True, env={"TOKENIZERS_PARALLELISM": "true"})
@@ -53,7 +53,7 @@ def test_padding_is_seen_through_every_way_it_is_switched_on() -> None:
     code = """
     import copy, os, pickle, tempfile
     from tokenizers import Tokenizer
-    from tokguard import _probes
+    from tokguard.pools import tokenizers_rayon
     tok = _lab.train_tokenizer()
     print("WRAPPED_BEFORE=%s" % hasattr(Tokenizer.encode, "__tokguard_wrapped__"))
     tok.enable_padding()
@@ -66,11 +66,11 @@ def test_padding_is_seen_through_every_way_it_is_switched_on() -> None:
     }
     tok.no_padding()
     tok.encode("a b")
-    print("AFTER_NO_PADDING=%s" % _probes.rayon_first_use)
+    print("AFTER_NO_PADDING=%s" % tokenizers_rayon.POOL.first_use)
     for name, other in copies.items():
-        _probes.rayon_first_use = None
+        tokenizers_rayon.POOL.first_use = None
         other.encode("a b")
-        print("%s=%s" % (name, _probes.rayon_first_use is not None))
+        print("%s=%s" % (name, tokenizers_rayon.POOL.first_use is not None))
     """
     result = run_py(code, guard=True, env={"TOKENIZERS_PARALLELISM": "true"})
     assert result.returncode == 0, str(result)
@@ -288,8 +288,8 @@ def test_cuda_probe_quiet_without_cuda() -> None:
     pytest.importorskip("torch")
     code = """
     import torch
-    from tokguard import _probes
-    print("CUDA=%s" % _probes._cuda(None))
+    from tokguard.pools import torch_cuda
+    print("CUDA=%s" % torch_cuda.POOL.detect(None))
     """
     result = run_py(code, guard=True, timeout=180)
     assert result.returncode == 0, str(result)
@@ -303,10 +303,12 @@ def test_failing_probe_reported_once_and_fork_goes_on() -> None:
     """A probe that raises is reported once on stderr; the other probes and the fork go on."""
     code = f"""
     import os
-    from tokguard import _probes
-    def broken(census):
-        raise KeyError("probe bug")
-    _probes.PROBES = (broken, *_probes.PROBES)
+    from tokguard import pools
+    class Broken(pools.Pool):
+        id = "broken"
+        def detect(self, census):
+            raise KeyError("probe bug")
+    pools.register(Broken())
     tok = _lab.train_tokenizer()
     tok.encode_batch(_lab.corpus(64))
     print("POOLS=%s" % [h.pool for h in tokguard.hazards()])

@@ -20,8 +20,8 @@ from __future__ import annotations
 from . import _config, _env, _fork, _instrument, _master, _report, _uwsgi
 from ._config import configure, current_mode
 from ._master import master_mode
-from ._probes import Hazard, hazards
-from ._report import ForkReport, UnsafeForkError, UnsafeForkWarning, subscribe
+from ._report import ForkReport, Hazard, UnsafeForkError, UnsafeForkWarning, subscribe
+from .pools import hazards
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

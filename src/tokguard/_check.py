@@ -17,7 +17,7 @@ import tempfile
 import time
 
 from . import _watchdog
-from ._report import FIXES, first_use_line
+from ._report import FIXES, Hazard, consequence, render_hazards
 from .cli import (
     EXIT_IMPORT_FAILED,
     EXIT_INTERNAL,
@@ -94,23 +94,19 @@ if attr:
             finish(status="import-failed", traceback=app_traceback())
     described = type(obj).__module__ + "." + type(obj).__qualname__
 
-from tokguard import _env, _master, _probes
+from tokguard import _env, _master, _report, pools
 
-found, census = _probes.assess()
+found, census = pools.assess()
 imports_tokguard = any(value is tokguard for value in vars(module).values())
 finish(
     status="unsafe" if found else "safe",
     import_seconds=round(seconds, 3),
     attr_type=described,
     imports_tokguard=imports_tokguard,
-    hazards=[
-        {"pool": h.pool, "title": h.title, "evidence": h.evidence,
-         "first_use": h.first_use, "repair": h.repair}
-        for h in found
-    ],
+    hazards=[_report.hazard_dict(h) for h in found],
     os_threads=None if census is None else census.os_threads,
     python_threads=None if census is None else census.python_threads,
-    tokenizers_parallelism=_env.c_getenv(_env.VAR),
+    tokenizers_parallelism=_env.c_getenv(_env.PARALLELISM_VAR),
     tokguard_set_default=_env.TOKGUARD_SET_DEFAULT,
     master=_master.describe(),
 )
@@ -296,17 +292,12 @@ def render(result: dict[str, Any]) -> str:
         else:
             hazards = result["hazards"]
             lines.append(f"UNSAFE: {target} ({what}{threads}).")
+            found = [Hazard(**h) for h in hazards]
             lines.append(
-                f"  A worker forked now would hang at 0 % CPU: {len(hazards)} native "
+                f"  A worker forked now would {consequence(found)}: {len(hazards)} native "
                 "pool(s) run in the process after the import."
             )
-            for h in hazards:
-                lines.append(f"  - {h['title']}: {h['evidence']}")
-                first_use = h.get("first_use")
-                if first_use:
-                    lines.append(f"    {first_use_line(first_use)}")
-                repair = h.get("repair") or "none possible: the child must not use it"
-                lines.append(f"    with tokguard, the child repair is: {repair}")
+            lines.extend(render_hazards(found, "with tokguard, the child repair is"))
             if not result.get("imports_tokguard"):
                 lines.append(
                     "  The module does not import tokguard: add `import tokguard` as its first "

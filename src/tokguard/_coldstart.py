@@ -22,7 +22,8 @@ import _thread
 import os
 import sys
 
-from . import _env, _instrument
+from . import _env, _fork, _instrument
+from .pools import tokenizers_rayon, torch_openmp
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -94,8 +95,8 @@ def _enter(ident: int | None = None) -> None:
         if not first:
             _undo.setdefault(ident, []).append(_cool_again())
             return
-        _saved_env = os.environ.get(_env.VAR, _ABSENT)
-        _saved_c_env = _env.c_getenv(_env.VAR)
+        _saved_env = os.environ.get(_env.PARALLELISM_VAR, _ABSENT)
+        _saved_c_env = _env.c_getenv(_env.PARALLELISM_VAR)
         _saved_torch_threads = 0
         try:
             _env.force_serial()
@@ -135,7 +136,7 @@ def _cool_again() -> tuple[str | None, int]:
     warm-up must still run cold. Returns what to put back when this block ends: the C value
     of the variable (None: nothing to undo) and torch's thread count (0: nothing).
     """
-    value = _env.c_getenv(_env.VAR) if _env.c_parallel() else None
+    value = _env.c_getenv(_env.PARALLELISM_VAR) if _env.c_parallel() else None
     if value is not None:
         _env.force_serial()
     torch = sys.modules.get("torch")
@@ -147,9 +148,9 @@ def _cool_again() -> tuple[str | None, int]:
 
 def _warm_again(value: str | None, threads: int) -> None:
     """End of such a block: the values it found come back, unless changed inside it."""
-    if value is not None and _env.c_getenv(_env.VAR) == "false":
-        os.environ[_env.VAR] = value
-        os.putenv(_env.VAR, value)
+    if value is not None and _env.c_getenv(_env.PARALLELISM_VAR) == "false":
+        os.environ[_env.PARALLELISM_VAR] = value
+        os.putenv(_env.PARALLELISM_VAR, value)
     torch = sys.modules.get("torch")
     if threads and torch is not None and torch.get_num_threads() == 1:
         torch.set_num_threads(threads)
@@ -163,24 +164,22 @@ def _restore(unsafe: frozenset[str] = frozenset()) -> None:
     the child is about to be repaired for).
     """
     global _saved_torch_threads
-    from . import _fork
-
     unsafe = unsafe.union(_fork.repaired)
-    keep_env = _env.c_getenv(_env.VAR) != "false" or "tokenizers-rayon" in unsafe
+    keep_env = _env.c_getenv(_env.PARALLELISM_VAR) != "false" or tokenizers_rayon.POOL.id in unsafe
     if not keep_env:
         if _saved_env == _ABSENT:
-            os.environ.pop(_env.VAR, None)
+            os.environ.pop(_env.PARALLELISM_VAR, None)
         else:
-            os.environ[_env.VAR] = _saved_env
+            os.environ[_env.PARALLELISM_VAR] = _saved_env
         # os.environ's view may differ from the C one (os.putenv, C code): restore that exactly.
         if _saved_c_env is None:
-            os.unsetenv(_env.VAR)
+            os.unsetenv(_env.PARALLELISM_VAR)
         else:
-            os.putenv(_env.VAR, _saved_c_env)
+            os.putenv(_env.PARALLELISM_VAR, _saved_c_env)
     threads, _saved_torch_threads = _saved_torch_threads, 0
     torch = sys.modules.get("torch")
     if threads > 1 and torch is not None and torch.get_num_threads() == 1:
-        if "torch-openmp" in unsafe:
+        if torch_openmp.POOL.id in unsafe:
             # This child was forked with the parent's pool running: it must stay at one
             # thread (hang-table row 5), and the guard's repair refuses anything more.
             return
@@ -233,8 +232,8 @@ def single_threaded() -> _SingleThreaded:
     return _SingleThreaded()
 
 
-def after_fork_in_child(unsafe: frozenset[str]) -> None:
-    """Child side of a fork; ``_fork`` calls it first, before the repairs of ``unsafe`` pools.
+def after_fork_in_child() -> None:
+    """Child side of a fork: stage "single_threaded", before the repairs of unsafe pools.
 
     Only the forking thread survives: blocks other threads had open are closed here, and so
     is master mode (the child is a worker). The settings come back unless this thread still
@@ -253,4 +252,7 @@ def after_fork_in_child(unsafe: frozenset[str]) -> None:
         if undo:
             _undo[ident] = undo
     elif had_blocks:
-        _restore(unsafe)
+        _restore(_fork.unsafe_at_fork)
+
+
+_fork.at_fork("single_threaded", after_in_child=after_fork_in_child)

@@ -15,7 +15,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from types import TracebackType
 
-ENV_VAR = "TOKGUARD_MODE"
+MODE_VAR = "TOKGUARD_MODE"
 MODES = ("warn", "raise", "off")
 DEFAULT_MODE = "warn"
 
@@ -62,7 +62,7 @@ def from_env(var: str, what: str, values: tuple[str, ...], default: str) -> str:
 
 def mode_from_env() -> str:
     """The mode TOKGUARD_MODE asks for; a warning and the default where it is invalid."""
-    return from_env(ENV_VAR, "a tokguard mode", MODES, DEFAULT_MODE)
+    return from_env(MODE_VAR, "a tokguard mode", MODES, DEFAULT_MODE)
 
 
 def validate_mode(value: object, source: str) -> str:

@@ -14,7 +14,7 @@ import os
 import platform
 import sys
 
-from . import _config, _env, _master, _probes, _uwsgi
+from . import _config, _env, _master, _report, _uwsgi, pools
 from .cli import EXIT_OK
 
 TYPE_CHECKING = False
@@ -62,20 +62,20 @@ def misspellings(names: list[str] | None = None) -> list[dict[str, str]]:
     found = []
     for name in sorted(names):
         upper = name.upper()
-        if name in (_env.VAR, _config.ENV_VAR):
+        if name in (_env.PARALLELISM_VAR, _config.MODE_VAR):
             continue
         if name in _env.MISSPELLINGS or (
             any(part in upper for part in ("PARAL", "PARRAL", "TOKENI", "TOKENS"))
-            and difflib.SequenceMatcher(None, upper, _env.VAR).ratio() >= 0.75
+            and difflib.SequenceMatcher(None, upper, _env.PARALLELISM_VAR).ratio() >= 0.75
         ):
-            found.append({"name": name, "meant": _env.VAR})
+            found.append({"name": name, "meant": _env.PARALLELISM_VAR})
         elif name in NONEXISTENT:
             found.append({"name": name, "meant": NONEXISTENT[name]})
         elif "TOKGUARD" in upper or (
             "GUARD" in upper
-            and difflib.SequenceMatcher(None, upper, _config.ENV_VAR).ratio() >= 0.8
+            and difflib.SequenceMatcher(None, upper, _config.MODE_VAR).ratio() >= 0.8
         ):
-            found.append({"name": name, "meant": _config.ENV_VAR})
+            found.append({"name": name, "meant": _config.MODE_VAR})
     return found
 
 
@@ -138,8 +138,8 @@ def _threadpools(import_libraries: bool) -> list[dict[str, Any]] | None:
 
 def collect(import_libraries: bool = True) -> dict[str, Any]:
     """Everything doctor reports, as a JSON-ready dict (``tokguard doctor --json``)."""
-    python_env = os.environ.get(_env.VAR)
-    c_env = _env.c_getenv(_env.VAR)
+    python_env = os.environ.get(_env.PARALLELISM_VAR)
+    c_env = _env.c_getenv(_env.PARALLELISM_VAR)
     info: dict[str, Any] = {
         "python": {
             "version": platform.python_version(),
@@ -164,7 +164,7 @@ def collect(import_libraries: bool = True) -> dict[str, Any]:
     info["torch"] = _torch_info(import_libraries)
     info["master"] = _master.describe()  # after torch's import: what the workers get back
     info["threadpools"] = _threadpools(import_libraries)
-    hazards, census = _probes.assess()
+    hazards, census = pools.assess()
     info["threads"] = (
         None
         if census is None
@@ -175,10 +175,8 @@ def collect(import_libraries: bool = True) -> dict[str, Any]:
             "openmp_workers": census.openmp,
         }
     )
-    info["hazards"] = [
-        {"pool": h.pool, "title": h.title, "evidence": h.evidence, "first_use": h.first_use}
-        for h in hazards
-    ]
+    info["hazards"] = [_report.hazard_dict(h) for h in hazards]
+    info["pools"] = [pool.id for pool in pools.ALL]
     info["uwsgi"] = _uwsgi.status()
     info["advice"] = advice(info)
     return info
@@ -191,7 +189,7 @@ def advice(info: dict[str, Any]) -> list[str]:
     value = tp["c_environment"]
     if not tp["in_step"]:
         lines.append(
-            f"os.environ has {_env.VAR}={tp['os_environ']!r} but the C environment, which "
+            f"os.environ has {_env.PARALLELISM_VAR}={tp['os_environ']!r} but the C environment, which "
             f"tokenizers reads, has {value!r}: something rebinds os.environ or calls os.putenv. "
             "Set it with os.environ[...] = ... before tokenizers runs."
         )
@@ -199,7 +197,7 @@ def advice(info: dict[str, Any]) -> list[str]:
         lines.append(f"{item['name']} is read by nobody; did you mean {item['meant']}?")
     if value is not None and _env.parallel(value) and not tp["set_by_tokguard"]:
         lines.append(
-            f"{_env.VAR}={value!r} counts as true: a child forked after a batch call hangs in "
+            f"{_env.PARALLELISM_VAR}={value!r} counts as true: a child forked after a batch call hangs in "
             "its own batch call. `import tokguard` repairs such children; "
             "without it, unset the variable or set it to false."
         )
@@ -209,7 +207,7 @@ def advice(info: dict[str, Any]) -> list[str]:
             lines.append(
                 f"torch runs {torch['num_threads']} intra-op threads and multiprocessing forks: "
                 "once a model has run in a parent, a forked child's parallel op hangs whatever "
-                f"{_env.VAR} says. Put `import tokguard` first in the "
+                f"{_env.PARALLELISM_VAR} says. Put `import tokguard` first in the "
                 "app, or use spawn/forkserver, or load models after the fork."
             )
         if torch["num_threads"] == 1:
@@ -266,7 +264,7 @@ def _master_lines(master: dict[str, Any]) -> list[str]:
     restores = master["restores"]
     if restores:
         lines.append(
-            f"  workers get {_env.VAR}={_show(restores[_env.VAR])}, "
+            f"  workers get {_env.PARALLELISM_VAR}={_show(restores[_env.PARALLELISM_VAR])}, "
             f"torch threads {restores['torch_threads'] or 'default'}"
         )
     return lines
@@ -284,7 +282,7 @@ def render(info: dict[str, Any]) -> str:
     tp = info["tokenizers_parallelism"]
     out.extend(
         (
-            _env.VAR,
+            _env.PARALLELISM_VAR,
             f"  os.environ             {_show(tp['os_environ'])}",
             f"  C environment          {_show(tp['c_environment'])}  (what tokenizers reads)",
         )
@@ -346,10 +344,10 @@ def render(info: dict[str, Any]) -> str:
             + (" (multi-threaded)" if threads["os_threads"] > 1 else "")
         )
     out.extend(_uwsgi.describe(info.get("uwsgi")))
+    out.append(f"Pools       {', '.join(info['pools'])} (the ones tokguard watches)")
     if info["hazards"]:
         out.append("Hazards now")
-        for h in info["hazards"]:
-            out.append(f"  - {h['title']}: {h['evidence']}")
+        out.extend(_report.render_hazards(_report.Hazard(**h) for h in info["hazards"]))
     else:
         out.append("Hazards now none: a fork from this process would not hang")
     out.append("Advice")

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 
-VAR = "TOKENIZERS_PARALLELISM"
+PARALLELISM_VAR = "TOKENIZERS_PARALLELISM"
 
 # tokenizers/src/utils/parallelism.rs: lower-cased, not trimmed, unset counts as true.
 FALSE_VALUES = frozenset({"", "off", "false", "f", "no", "n", "0"})
 
-# Names people type instead of VAR; tokenizers ignores them silently.
+# Names people type instead of PARALLELISM_VAR; tokenizers ignores them silently.
 MISSPELLINGS = (
     "TOKENIZER_PARALLELISM",
     "TOKENIZERS_PARALLEL",
@@ -27,7 +27,7 @@ MISSPELLINGS = (
 )
 
 TOKGUARD_SET_DEFAULT = False
-"""True once tokguard itself set VAR=false because the process had no value."""
+"""True once tokguard itself set PARALLELISM_VAR=false because the process had no value."""
 
 _getenv = None
 
@@ -57,21 +57,21 @@ def c_getenv(name: str) -> str | None:
     return None if raw is None else os.fsdecode(raw)
 
 
-_VAR_BYTES = VAR.encode()
+_PARALLELISM_BYTES = PARALLELISM_VAR.encode()
 _FALSE_BYTES = frozenset(v.encode() for v in FALSE_VALUES)
 
 
 def c_parallel() -> bool:
-    """``parallel(c_getenv(VAR))``, about three times faster: the wrappers' hot path.
+    """``parallel(c_getenv(PARALLELISM_VAR))``, about three times faster: the wrappers' hot path.
 
     bytes.lower() only folds ASCII, like the false set itself; no non-ASCII character
     lower-cases to one of its letters, so the answer is the same as tokenizers' own.
     """
     if _getenv is None:
-        c_getenv(VAR)
+        c_getenv(PARALLELISM_VAR)
         if _getenv is None:
-            return parallel(os.environ.get(VAR))
-    raw = _getenv(_VAR_BYTES)
+            return parallel(os.environ.get(PARALLELISM_VAR))
+    raw = _getenv(_PARALLELISM_BYTES)
     return raw is None or raw.lower() not in _FALSE_BYTES
 
 
@@ -93,7 +93,7 @@ def _c_has(name: str) -> bool:
 
 
 def apply_default() -> None:
-    """Set VAR=false where the process has no value at all, keeping any value a user set.
+    """Set PARALLELISM_VAR=false where the process has no value at all, keeping any value a user set.
 
     Why false by default: a fork after the rayon pool ran hangs the child whenever the
     variable holds a true value (hang-table row 2), and tokenizers' own guard only covers
@@ -101,14 +101,14 @@ def apply_default() -> None:
     variable keeps their choice and tokguard repairs the children instead.
     """
     global TOKGUARD_SET_DEFAULT
-    if VAR in os.environ or _c_has(VAR):
+    if PARALLELISM_VAR in os.environ or _c_has(PARALLELISM_VAR):
         return
-    os.environ[VAR] = "false"  # also calls putenv, so tokenizers sees it
+    os.environ[PARALLELISM_VAR] = "false"  # also calls putenv, so tokenizers sees it
     TOKGUARD_SET_DEFAULT = True
 
 
 def force_serial() -> None:
     """Child repair: tokenizers serial in this process, in both environments."""
-    os.environ[VAR] = "false"
+    os.environ[PARALLELISM_VAR] = "false"
     # Code that rebound os.environ to a plain dict would leave the C value untouched.
-    os.putenv(VAR, "false")
+    os.putenv(PARALLELISM_VAR, "false")

@@ -8,6 +8,10 @@ is printed and ignored):
   pytest-forked all call ``os.fork()`` through the module attribute.
 - the ``before`` hook judges forks that bypass the wrapper (C code, ``from os import fork``
   before tokguard was imported) and reports them; ``after_in_child`` applies the repairs.
+
+This module makes the only ``os.register_at_fork`` call of tokguard. The other parts that
+act at a fork (master mode, ``single_threaded()``, lazy models, the pytest plugin) join
+through ``at_fork(stage, ...)``, and ``STAGES`` fixes the order in which they run.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import _thread
 import os
 import sys
 
-from . import _config, _env, _forkers, _instrument, _probes, _report, _sites, _threads
+from . import _config, _forkers, _report, _sites, _threads, pools
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -24,12 +28,33 @@ if TYPE_CHECKING:
     from types import FrameType
     from typing import Any
 
-    from ._probes import Hazard
+    from ._report import Hazard
+
+# What runs in a forked child, in this order (and in the parent after a fork, the same order):
+# 1. "master", then "single_threaded": master mode and single_threaded() blocks put back the
+#    settings they kept cold in the parent, so the workers of a preforking master run at
+#    full parallel speed;
+# 2. "repairs": each pool judged unsafe in the parent repairs itself (``pools``); where a pool
+#    ran after all, this overrides step 1, so a defeated master's children cannot hang;
+# 3. "lazy": lazy models forget the parent's instances (they may already use torch);
+# 4. "pytest": the pytest plugin's own bookkeeping, last.
+STAGES = ("master", "single_threaded", "repairs", "lazy", "pytest")
+REPAIRS = "repairs"
+"""The stage this module runs itself; nothing else joins it."""
 
 generation = 0
 """How many forks separate this process from the one that imported tokguard."""
 repaired: tuple[str, ...] = ()
 """Pools repaired in this process at the fork that created it (empty in the parent)."""
+unsafe_at_fork: frozenset[str] = frozenset()
+"""Pools judged unsafe at the fork that created this process (set before any child hook)."""
+
+# Kept across importlib.reload of this module: the hooks registered with the interpreter at
+# the first import read this module's globals, and what joined them must not be lost.
+_stage_hooks: dict[str, tuple[list[Callable[[], None]], list[Callable[[], None]]]] = globals().get(
+    "_stage_hooks"
+) or {stage: ([], []) for stage in STAGES}
+"""Stage -> (child hooks, parent hooks), each list in the order they joined."""
 
 _handoff: dict[int, _report.ForkReport | None] = {}  # thread -> judged by the os.fork wrapper
 _plans: dict[int, list[Hazard]] = {}  # thread -> hazards the child must repair
@@ -37,8 +62,42 @@ note_providers: list[Callable[[], list[str]]] = []
 """Functions adding lines to a report (lazy models register one)."""
 
 
+def at_fork(
+    stage: str,
+    after_in_child: Callable[[], None] | None = None,
+    after_in_parent: Callable[[], None] | None = None,
+) -> None:
+    """Run these functions after every fork, at ``stage`` (one of ``STAGES``); idempotent.
+
+    Each runs inside tokguard's own hooks: an exception is reported once on stderr and the
+    next hook still runs.
+    """
+    if stage not in STAGES or stage == REPAIRS:
+        valid = ", ".join(repr(s) for s in STAGES if s != REPAIRS)
+        raise ValueError(f"_fork.at_fork(stage={stage!r}): valid stages are {valid}")
+    for hook, hooks in zip((after_in_child, after_in_parent), _stage_hooks[stage], strict=True):
+        if hook is not None and hook not in hooks:
+            hooks.append(hook)
+
+
+def judged_by_wrapper(ident: int, default: object = None) -> object:
+    """The report the os.fork wrapper judged for the fork thread ``ident`` is making now.
+
+    ``default`` where that fork did not go through the wrapper (C code, an old reference to
+    the real ``os.fork``). Valid in after-fork parent hooks, before the wrapper returns.
+    """
+    return _handoff.get(ident, default)
+
+
+def _run(hook: Callable[[], None]) -> None:
+    try:
+        hook()
+    except Exception as exc:
+        _report.internal_error(f"the after-fork hook {hook.__qualname__}", exc)
+
+
 def _judge(refusable: bool, depth: int) -> _report.ForkReport | None:
-    hazards, census = _probes.assess()
+    hazards, census = pools.assess()
     if not hazards:
         return None
     # What the forking library makes safe itself is neither reported nor repaired.
@@ -161,117 +220,44 @@ def _before() -> None:
 
 def _after_in_parent() -> None:
     _plans.pop(_thread.get_ident(), None)
+    for stage in STAGES:
+        for hook in list(_stage_hooks[stage][1]):
+            _run(hook)
 
 
 def _after_in_child() -> None:
-    global generation, repaired
+    global generation, repaired, unsafe_at_fork
     generation += 1
     try:
         _threads.forget()
         hazards = _plans.pop(_thread.get_ident(), [])
         _plans.clear()
         _handoff.clear()
-        _restore_settings_in_child(hazards)
-        done = []
-        for hazard in hazards:
-            repair = REPAIRS.get(hazard.pool)
-            if repair is None:
-                continue
-            try:
-                repair()
-                done.append(hazard.pool)
-            except Exception as exc:
-                _report.internal_error(f"repairing {hazard.pool} in the child", exc)
-        repaired = tuple(done)
+        unsafe_at_fork = frozenset(h.pool for h in hazards)
     except Exception as exc:
         _report.internal_error("the after-fork hook in the child", exc)
-
-
-def _restore_settings_in_child(hazards: list[Hazard]) -> None:
-    """Child step 1: the settings this child would have had, before anything else runs.
-
-    The order of the child's steps is stated here, not left to the order in which modules
-    registered fork hooks:
-
-    1. master mode and ``single_threaded()`` blocks put back the settings they kept cold in
-       the parent (``_master``, then ``_coldstart``): workers of a preforking master run at
-       full parallel speed;
-    2. the repairs of the pools judged unsafe in the parent (below): where a pool ran after
-       all, they override step 1, so a defeated master's children still cannot hang;
-    3. lazy models and the pytest plugin: their ``os.register_at_fork`` hooks were
-       registered after this one (they import tokguard first), so they run after it and
-       may already use torch.
-    """
-    coldstart = sys.modules.get("tokguard._coldstart")
-    if coldstart is None:
-        return  # no block was ever opened and no master mode began: nothing was kept cold
-    unsafe = frozenset(h.pool for h in hazards)
-    master = sys.modules.get("tokguard._master")
-    for step in (getattr(master, "after_fork_in_child", None), coldstart.after_fork_in_child):
-        if step is None:
+        hazards = []
+    for stage in STAGES:
+        if stage == REPAIRS:
+            repaired = _repair(hazards)
             continue
+        for hook in list(_stage_hooks[stage][0]):
+            _run(hook)
+
+
+def _repair(hazards: list[Hazard]) -> tuple[str, ...]:
+    """Stage "repairs": each unsafe pool that has a child repair applies it."""
+    done = []
+    for hazard in hazards:
         try:
-            step(unsafe)
+            pool = pools.get(hazard.pool)
+            if pool.repair is None:
+                continue
+            pool.repair_child()
+            done.append(hazard.pool)
         except Exception as exc:
-            _report.internal_error(f"{step.__module__}.{step.__name__}", exc)
-
-
-# --- child repairs, one per pool ----------------------------------------------------------
-
-TORCH_THREADS_MESSAGE = (
-    "torch.set_num_threads({n}) in a forked child whose parent had already run torch's "
-    "OpenMP pool: the next parallel op would hang forever. A forked child "
-    "can only run torch single-threaded. To get parallel workers, keep the parent's pool "
-    "cold (tokguard.single_threaded() around the warm-up) or start workers with spawn."
-)
-
-
-def _repair_rayon() -> None:
-    _env.force_serial()
-    _instrument.rayon_poisoned = True
-    # The pool is the parent's; this process has none, and its tokenizers are serial now.
-    _probes.rayon_first_use = None
-    _probes.rayon_maybe_started = False
-
-
-def _repair_tokio() -> None:
-    _instrument.tokio_poisoned = True
-    _probes.tokio_first_use = None
-
-
-def _repair_torch() -> None:
-    torch = sys.modules["torch"]
-    torch.set_num_threads(1)
-    original = getattr(torch.set_num_threads, "__tokguard_original__", torch.set_num_threads)
-
-    def set_num_threads(n: int) -> None:
-        if n > 1:
-            raise _report.UnsafeForkError(TORCH_THREADS_MESSAGE.format(n=n))
-        original(n)
-
-    set_num_threads.__doc__ = original.__doc__
-    set_num_threads.__tokguard_original__ = original  # type: ignore[attr-defined]
-    torch.set_num_threads = set_num_threads  # type: ignore[attr-defined]
-
-
-def _repair_openmp() -> None:
-    global _openmp_limits
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return
-    # Kept alive on purpose: the limit holds for the child's whole life.
-    _openmp_limits = threadpool_limits(limits=1, user_api="openmp")
-
-
-_openmp_limits: object = None
-
-REPAIRS: dict[str, Callable[[], None]] = {
-    "tokenizers-rayon": _repair_rayon,
-    "tokenizers-tokio": _repair_tokio,
-    "torch-openmp": _repair_torch,
-    "openmp": _repair_openmp,
-}
+            _report.internal_error(f"repairing {hazard.pool} in the child", exc)
+    return tuple(done)
 
 
 def install() -> None:

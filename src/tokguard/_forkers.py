@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import sys
 
+from .pools import tokenizers_rayon, torch_openmp
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from types import FrameType
 
-    from ._probes import Hazard
+    from ._report import Hazard
 
 # (module name prefix on the fork's stack, the library in words, pool ids its children make
 # safe, how).
@@ -36,13 +38,13 @@ COVERS: tuple[tuple[str, str, frozenset[str], str], ...] = (
     (
         "torch.utils.data.dataloader",
         "torch's DataLoader",
-        frozenset({"torch-openmp"}),
+        frozenset({torch_openmp.POOL.id}),
         "its workers call torch.set_num_threads(1) before your code runs",
     ),
     (
         "datasets.",
         "datasets",
-        frozenset({"tokenizers-rayon"}),
+        frozenset({tokenizers_rayon.POOL.id}),
         "it sets TOKENIZERS_PARALLELISM=false before forking its pool",
     ),
 )

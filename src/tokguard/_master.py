@@ -28,6 +28,7 @@ import os
 import sys
 
 from . import _config, _fork, _instrument, _report, _sites
+from .pools import openmp
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -169,7 +170,7 @@ def why() -> str:
     if _forked_from_master:
         return "a worker forked from a master: it got the master's intended settings back"
     if _config.mode == "off":
-        return f"{_config.ENV_VAR}=off: tokguard does nothing, master mode included"
+        return f"{_config.MODE_VAR}=off: tokguard does nothing, master mode included"
     return not_master or NOT_RECOGNISED
 
 
@@ -314,10 +315,10 @@ def _begin(found: str, maybe: bool = False, explicit: bool = False) -> None:
             # A provisional master confirmed (or switched on explicitly meanwhile).
             reason, provisional, _explicit = found, False, explicit
         return
-    from . import _coldstart, _probes
+    from . import _coldstart, pools
 
     # What already ran cannot be made cold: say so if a fork is reported later.
-    running = _probes.hazards()
+    running = pools.hazards()
     began_late = ", ".join(h.title for h in running) or None
     reason, provisional, _explicit = found, maybe, explicit
     _coldstart._enter(_coldstart.MASTER)
@@ -346,8 +347,8 @@ def _end() -> None:
     _coldstart._exit(_coldstart.MASTER)
 
 
-def after_fork_in_child(unsafe: frozenset[str]) -> None:
-    """Child step 1a (``_fork`` calls it, then ``_coldstart``'s, which restores the settings)."""
+def after_fork_in_child() -> None:
+    """Child stage "master" (before ``_coldstart``'s, which restores the settings)."""
     global reason, provisional, _explicit, _forked_from_master
     if reason is None:
         return
@@ -355,7 +356,7 @@ def after_fork_in_child(unsafe: frozenset[str]) -> None:
     provisional = _explicit = False
     _forked_from_master = True
     _unwatch_torch()
-    if "openmp" in unsafe:
+    if openmp.POOL.id in _fork.unsafe_at_fork:
         _openmp_limited.clear()  # the repair limits OpenMP to one thread for good
     else:
         _restore_openmp()
@@ -506,6 +507,7 @@ def install() -> None:
     switch = switch_from_env()
     if notes not in _fork.note_providers:
         _fork.note_providers.append(notes)
+    _fork.at_fork("master", after_in_child=after_fork_in_child)
     if switch == "on":
         _begin(f"{ENV_VAR}=on", explicit=True)
     else:

@@ -13,9 +13,9 @@ import warnings
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
+    from typing import Any
 
-    from ._probes import Hazard
     from ._threads import Census
 
 
@@ -29,6 +29,86 @@ class UnsafeForkError(RuntimeError):
     def __init__(self, message: str, report: ForkReport | None = None) -> None:
         super().__init__(message)
         self.report = report
+
+
+class Hazard:
+    """A native pool that is running now, so a forked child would hang or fail using it."""
+
+    __slots__ = ("consequence", "evidence", "first_use", "pool", "repair", "title")
+
+    def __init__(
+        self,
+        pool: str,
+        title: str,
+        evidence: str,
+        first_use: str | None,
+        repair: str | None,
+        consequence: str = "hang",
+    ) -> None:
+        self.pool = pool
+        """Stable id of the pool (``tokguard.pools.ALL`` lists them, docs/how-it-works.md too)."""
+        self.title = title
+        """The pool in words."""
+        self.evidence = evidence
+        """Why tokguard believes the pool is running."""
+        self.first_use = first_use
+        """``file:line in function`` of the user's code that first used it, if known."""
+        self.repair = repair
+        """What the child repair does, or None where no repair exists."""
+        self.consequence = consequence
+        """``hang``: a child using the pool hangs at 0 % CPU; ``fail``: it gets an error (CUDA)."""
+
+    def __repr__(self) -> str:
+        return (
+            f"Hazard(pool={self.pool!r}, evidence={self.evidence!r}, first_use={self.first_use!r})"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Hazard) and self.pool == other.pool
+
+    def __hash__(self) -> int:
+        return hash(self.pool)
+
+
+HAZARD_FIELDS = ("pool", "title", "evidence", "first_use", "repair", "consequence")
+NO_REPAIR = "none possible: the child must not use it"
+
+
+def hazard_dict(hazard: Hazard) -> dict[str, Any]:
+    """A hazard as JSON (``check --json``, ``doctor --json``); ``Hazard(**d)`` reads it back."""
+    return {name: getattr(hazard, name) for name in HAZARD_FIELDS}
+
+
+def consequence(hazards: Iterable[Hazard]) -> str:
+    """What a child forked now does when it uses these pools, for a message's first lines."""
+    kinds = {h.consequence for h in hazards}
+    if kinds == {"fail"}:
+        return "fail (CUDA cannot be used in a forked child)"
+    if "fail" in kinds:
+        return "hang at 0 % CPU, or fail (CUDA cannot be used in a forked child)"
+    return "hang at 0 % CPU"
+
+
+def render_hazards(
+    hazards: Iterable[Hazard],
+    repair: str | None = "child repair",
+    extra: Callable[[Hazard], Iterable[str]] | None = None,
+) -> list[str]:
+    """The lines that list hazards, the same in warnings, ``check``, ``doctor``, pytest's summary.
+
+    ``repair``: the label of each hazard's repair line (None: no such line, as when the fork
+    was refused and no child exists); ``extra``: more lines for a hazard (where it started).
+    """
+    lines = []
+    for h in hazards:
+        lines.append(f"  - {h.title}: {h.evidence}")
+        if extra is not None:
+            lines.extend(f"    {line}" for line in extra(h))
+        if h.first_use:
+            lines.append(f"    {first_use_line(h.first_use)}")
+        if repair is not None:
+            lines.append(f"    {repair}: {h.repair or NO_REPAIR}")
+    return lines
 
 
 FIXES = (
@@ -75,17 +155,10 @@ class ForkReport:
         verb = "refused a fork" if self.refused else "saw an unsafe fork"
         lines = [
             f"tokguard {verb} at {site} (pid {self.pid}).",
-            "A child forked now would hang at 0 % CPU, because these native pools run in the parent:",
+            f"A child forked now would {consequence(self.hazards)}, because these native "
+            "pools run in the parent:",
         ]
-        for h in self.hazards:
-            lines.append(f"  - {h.title}: {h.evidence}")
-            if h.first_use:
-                lines.append(f"    {first_use_line(h.first_use)}")
-            if self.refused:
-                continue
-            lines.append(
-                f"    child repair: {h.repair or 'none possible: the child must not use it'}"
-            )
+        lines.extend(render_hazards(self.hazards, None if self.refused else "child repair"))
         if self.census is not None:
             lines.append(
                 f"  Threads in the parent: {self.census.os_threads} "
@@ -117,7 +190,7 @@ _subscribers: list[Callable[[ForkReport], object]] = []
 _warned: set[tuple[str | None, tuple[str, ...]]] = set()
 _internal_errors: set[str] = set()
 unsafe_forks = 0
-"""Unsafe forks seen by this process (the pytest plugin's summary counts them)."""
+"""Unsafe forks seen by this process (reset by ``tokguard.reset()``)."""
 
 
 def subscribe(callback: Callable[[ForkReport], object]) -> Callable[[], None]:

@@ -44,15 +44,15 @@ def environment(base: Mapping[str, str], mode: str | None) -> dict[str, str]:
     env = dict(base)
     env[GATE] = "1"
     if mode is not None:
-        env[_config.ENV_VAR] = mode
+        env[_config.MODE_VAR] = mode
     old = env.get("PYTHONPATH")
     # Empty entries mean "the current directory" to Python: keep them as they are.
     rest = [] if not old else [p for p in old.split(os.pathsep) if not _is_bootstrap(p)]
     env["PYTHONPATH"] = os.pathsep.join([BOOTSTRAP, *rest])
-    if _env.TOKGUARD_SET_DEFAULT and env.get(_env.VAR) == "false":
+    if _env.TOKGUARD_SET_DEFAULT and env.get(_env.PARALLELISM_VAR) == "false":
         # This process's own `import tokguard` set it; the command must not take it for the
         # user's choice (its own tokguard sets the same default, and knows it did).
-        del env[_env.VAR]
+        del env[_env.PARALLELISM_VAR]
     return env
 
 

@@ -15,7 +15,7 @@ the factory's name, docstring and signature (``__wrapped__``), which is what Fas
 
 Why per-process identity is a fork generation and not ``os.getpid()`` on each call: getpid
 is a system call (240 to 340 ns here, five times a ``functools.cache`` hit). The generation is bumped
-by an ``os.register_at_fork`` hook, which every Python-level fork runs (``os.fork``,
+by a fork hook (stage "lazy" of tokguard's hooks), which every Python-level fork runs (``os.fork``,
 multiprocessing, gunicorn, celery, pytest-forked); the slower paths (build, ``loaded``,
 ``preload``, ``reset``, ``aget``) also compare the pid, so a fork made by C code that skipped
 the hooks is caught there.
@@ -509,4 +509,4 @@ def _notes() -> list[str]:
 _notes.__tokguard_lazy_notes__ = True  # type: ignore[attr-defined]
 if not any(getattr(p, "__tokguard_lazy_notes__", False) for p in _fork.note_providers):
     _fork.note_providers.append(_notes)
-os.register_at_fork(after_in_child=_after_fork_in_child)
+_fork.at_fork("lazy", after_in_child=_after_fork_in_child)

@@ -31,8 +31,10 @@ import sys
 
 import pytest
 
-from . import _config, _fork, _probes, _report
+from . import _config, _fork, _report
 from ._report import FIXES, ForkReport, first_use_line, subscribe
+from .pools import ALL as POOLS
+from .pools import first_uses as _first_uses
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -103,9 +105,9 @@ def resolve_mode(config: pytest.Config) -> tuple[str, str]:
             else "the ini option tokguard"
         )
         mode, source = _check(ini, where), "ini"
-    env = os.environ.get(_config.ENV_VAR, "")
+    env = os.environ.get(_config.MODE_VAR, "")
     if env.strip():
-        mode, source = _check(env, f"the environment variable {_config.ENV_VAR}", ENV_MODES), "env"
+        mode, source = _check(env, f"the environment variable {_config.MODE_VAR}", ENV_MODES), "env"
     cli = config.getoption("tokguard")
     if cli is not None:
         mode, source = _check(cli, "the command line option --tokguard"), "cli"
@@ -167,20 +169,7 @@ class _Entry:
 
     @property
     def repaired(self) -> bool:
-        return self.forked and any(h.pool in _fork.REPAIRS for h in self.report.hazards)
-
-
-_FIRST_USES = ("rayon_first_use", "tokio_first_use", "torch_first_use")
-_POOL_OF = {
-    "rayon_first_use": "tokenizers-rayon",
-    "tokio_first_use": "tokenizers-tokio",
-    "torch_first_use": "torch-openmp",
-}
-
-
-def _first_uses() -> tuple[str | None, ...]:
-    # Same order as _FIRST_USES; spelled out because it runs around every test and fixture.
-    return (_probes.rayon_first_use, _probes.tokio_first_use, _probes.torch_first_use)
+        return self.forked and any(h.repair for h in self.report.hazards)
 
 
 def _fixture_where(fixturedef: FixtureDef[object]) -> str:
@@ -293,7 +282,7 @@ class TokguardPlugin:
         entry = self.awaiting.pop(ident, None)
         if entry is None:
             return
-        judged = _fork._handoff.get(ident, entry.report)
+        judged = _fork.judged_by_wrapper(ident, entry.report)
         if judged is entry.report:  # not a stale entry of a fork that was stopped
             entry.forked = True
 
@@ -309,9 +298,9 @@ class TokguardPlugin:
     # --- pytest's side ------------------------------------------------------------------
 
     def note_origins(self, before: tuple[str | None, ...], where: str) -> None:
-        for name, old, new in zip(_FIRST_USES, before, _first_uses(), strict=False):
+        for pool, old, new in zip(POOLS, before, _first_uses(), strict=False):
             if old is None and new is not None:
-                self.origins.setdefault(_POOL_OF[name], where)
+                self.origins.setdefault(pool.id, where)
 
     @pytest.hookimpl(hookwrapper=True, tryfirst=True)
     def pytest_runtest_protocol(self, item: pytest.Item) -> Generator[None, None, None]:
@@ -698,7 +687,7 @@ def pytest_configure(config: pytest.Config) -> None:
     _active = plugin
     if not _hooks_registered:
         _hooks_registered = True
-        os.register_at_fork(after_in_parent=_after_in_parent, after_in_child=_after_in_child)
+        _fork.at_fork("pytest", after_in_parent=_after_in_parent, after_in_child=_after_in_child)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -1,0 +1,182 @@
+"""torch's intra-op pool (GNU OpenMP): started by the first parallel op at more than one thread.
+
+The pool itself is found by the thread census (its idle workers wait inside libgomp); the
+instrumentation only names the model call or matmul that first ran torch multi-threaded.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from .. import _sites, _threads
+from . import UNRECORDED, Pool, block_restores, wraps
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from types import ModuleType
+    from typing import Any
+
+    from .._report import Hazard
+
+# Bare tensor ops that start the pool in retrieval code (``torch.topk(q @ E.T, k)``), beside
+# module calls. Each is a Python-level attribute, so a wrapper costs one call (~0.3 us) and
+# nothing once a multi-threaded call was seen; every other op (topk alone, sum, conv...)
+# is not seen: a C-level dispatch hook would tax every op, and the census finds the pool
+# regardless of where it started.
+TENSOR_ENTRY_POINTS = ("matmul", "mm", "bmm", "einsum")
+TENSOR_METHODS = ("__matmul__", "__rmatmul__")
+
+THREADS_MESSAGE = (
+    "torch.set_num_threads({n}) in a forked child whose parent had already run torch's "
+    "OpenMP pool: the next parallel op would hang forever. A forked child "
+    "can only run torch single-threaded. To get parallel workers, keep the parent's pool "
+    "cold (tokguard.single_threaded() around the warm-up) or start workers with spawn."
+)
+
+_restores: list[Callable[[], None]] = []  # put back what instrument replaced
+
+
+def torch_dir() -> str | None:
+    """torch's package directory (with a trailing separator), where torch is imported."""
+    torch = sys.modules.get("torch")
+    path = getattr(torch, "__file__", None)
+    return os.path.dirname(path) + os.sep if path else None
+
+
+def _torch_threads() -> int:
+    torch = sys.modules.get("torch")
+    get = getattr(torch, "get_num_threads", None)
+    return int(get()) if get is not None else 0
+
+
+class TorchOpenMP(Pool):
+    id = "torch-openmp"
+    title = "torch intra-op pool (GNU OpenMP)"
+    triggers = ("torch",)
+    repair = "torch.set_num_threads(1) in the child: it runs torch single-threaded"
+    kept_cold = "torch.set_num_threads(1) while cold, the previous count put back after"
+    description = (
+        "Started by the first parallel tensor op while torch.get_num_threads() > 1. Found by "
+        "the census: worker threads waiting inside torch's libgomp."
+    )
+
+    def instrument(self, module: ModuleType, late: bool) -> None:
+        """Name the model call or matmul that first ran torch multi-threaded, for the report.
+
+        ``nn.Module`` calls, ``torch.matmul``/``mm``/``bmm``/``einsum`` and the ``@`` operator
+        are seen. The wrappers remove themselves at the first multi-threaded call; where torch
+        always runs at one thread (``OMP_NUM_THREADS=1``) they stay, at about 0.35 us per call.
+        """
+        module_cls = module.nn.Module
+        if _restores or self.first_use is not None:
+            return
+        get_num_threads = module.get_num_threads
+
+        def watch(original: Any) -> Any:
+            @wraps(original)
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                if POOL.first_use is None and get_num_threads() > 1:
+                    _record_first_use()
+                return original(*args, **kwargs)
+
+            return wrapper
+
+        if hasattr(module_cls, "_call_impl"):
+            _replace(module_cls, "_call_impl", watch)
+        for name in TENSOR_ENTRY_POINTS:
+            _replace(module, name, watch)
+        for name in TENSOR_METHODS:
+            _replace(module.Tensor, name, watch)
+
+    def detect(self, census: _threads.Census | None) -> Hazard | None:
+        threads = max(_torch_threads(), block_restores()[2])
+        if threads <= 1:
+            # One thread never starts a team; a child at one thread works (hang-table rows 5, 6).
+            return None
+        here = torch_dir() or "\0"
+        if census is not None:
+            workers = sum(n for p, n in census.hanging_openmp().items() if p.startswith(here))
+            if workers:
+                evidence = (
+                    f"{workers} GNU OpenMP worker thread(s) of torch are alive and "
+                    f"torch.get_num_threads() is {threads}"
+                )
+            else:
+                spinning = self._spinning_workers(census.busy, threads) if census.busy else None
+                if spinning is None:
+                    return None
+                evidence = spinning
+        elif self.first_use is not None:
+            evidence = f"a model or matmul ran with torch.get_num_threads() = {threads}"
+        else:
+            return None
+        return self.hazard(
+            evidence,
+            self.first_use
+            or "not recorded (tokguard sees nn.Module calls and matmuls; another tensor op started it)",
+        )
+
+    def _spinning_workers(self, busy: int, threads: int) -> str | None:
+        """Evidence for a team whose workers never block, so show no pointer into libgomp.
+
+        Threads that kept running through the whole settle window are GNU OpenMP workers
+        spinning when libgomp was told to spin (``OMP_WAIT_POLICY=ACTIVE``), or when a
+        multi-threaded tensor op was seen; on their own they could be any busy native thread.
+        """
+        policy = _threads.spin_policy()
+        if policy is not None:
+            return (
+                f"{busy} native thread(s) kept spinning through the fork check, as GNU OpenMP "
+                f"workers do under {policy}, and torch.get_num_threads() is {threads}"
+            )
+        if self.first_use is not None:
+            return (
+                f"{busy} native thread(s) were busy at the fork and a tensor op ran with "
+                f"{threads} threads"
+            )
+        return None
+
+    def repair_child(self) -> None:
+        torch = sys.modules["torch"]
+        torch.set_num_threads(1)
+        original = getattr(torch.set_num_threads, "__tokguard_original__", torch.set_num_threads)
+
+        def set_num_threads(n: int) -> None:
+            if n > 1:
+                from .._report import UnsafeForkError
+
+                raise UnsafeForkError(THREADS_MESSAGE.format(n=n))
+            original(n)
+
+        set_num_threads.__doc__ = original.__doc__
+        set_num_threads.__tokguard_original__ = original  # type: ignore[attr-defined]
+        torch.set_num_threads = set_num_threads  # type: ignore[attr-defined]
+
+
+POOL = TorchOpenMP()
+
+
+def _record_first_use() -> None:
+    """The first multi-threaded call: name it, then put every original back."""
+    POOL.first_use = _sites.user_site(_sites.POOL_LIBRARIES, depth=2) or UNRECORDED
+    while _restores:
+        _restores.pop()()
+
+
+def _replace(owner: Any, name: str, make: Callable[[Any], Any]) -> None:
+    original = getattr(owner, name, None)
+    if original is None:
+        return
+    # Tensor.__matmul__ is inherited from the C base class: restore by deleting ours.
+    own = name in vars(owner)
+    setattr(owner, name, make(original))
+
+    def restore() -> None:
+        if own:
+            setattr(owner, name, original)
+        else:
+            delattr(owner, name)
+
+    _restores.append(restore)
