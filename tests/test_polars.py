@@ -65,7 +65,10 @@ def test_warn_mode_reports_polars_with_the_fix() -> None:
 
 def test_raise_mode_refuses_the_fork() -> None:
     """raise: no child is created; the UnsafeForkError carries a report naming polars."""
-    code = "import os\n" + SETUP + dedent(f"""
+    code = (
+        "import os\n"
+        + SETUP
+        + dedent(f"""
     query()
     try:
         os.fork()
@@ -73,6 +76,7 @@ def test_raise_mode_refuses_the_fork() -> None:
         print("REFUSED=%s" % (exc.report.pools,))
     watch(query, {FORKS}, {DEADLINE})
     """)
+    )
     result = run_py(code, guard=True, env={"TOKGUARD_MODE": "raise"})
     assert result.returncode == 0, str(result)
     assert values(result)["REFUSED"] == "('polars',)"
@@ -98,13 +102,17 @@ def test_imported_but_unused_polars_is_not_reported() -> None:
 
 def test_doctor_shows_the_polars_hazard() -> None:
     """doctor lists polars among the watched pools and as a hazard once a query ran."""
-    code = "import json\nfrom tokguard import _doctor\n" + SETUP + dedent(f"""
+    code = (
+        "import json\nfrom tokguard import _doctor\n"
+        + SETUP
+        + dedent("""
     query()
     info = _doctor.collect(import_libraries=False)
     print("POOLS=%s" % ("polars" in info["pools"]))
     print("JSON=%s" % json.dumps(info["hazards"]))
     print(_doctor.render(info))
     """)
+    )
     result = run_py(code, guard=True)
     assert result.returncode == 0, str(result)
     assert values(result)["POOLS"] == "True"
