@@ -167,7 +167,8 @@ def block_restores() -> tuple[bool, str | None, int]:
 
 
 def wraps(method: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    # functools is imported here: it is not loaded at interpreter start, the libraries are.
+    # Imported on first use, not at ``import tokguard``: the interpreter does not load
+    # functools at start, and the libraries being instrumented have loaded it by then.
     import functools
 
     return functools.wraps(method)

@@ -1,0 +1,95 @@
+"""The pool registry and the fork-hook stages: the shape every pool and fork hook goes through."""
+
+from __future__ import annotations
+
+from conftest import run_py, values
+
+
+def test_registry_lists_every_pool_once_and_names_the_choices() -> None:
+    """ALL is the one list; get() and register() name the known ids when given a bad one."""
+    code = """
+    from tokguard import pools
+    print("IDS=%s" % ",".join(p.id for p in pools.ALL))
+    try:
+        pools.get("rayon")
+    except ValueError as exc:
+        print("GET=%s" % exc)
+    try:
+        pools.register(pools.get("polars"))
+    except ValueError as exc:
+        print("REGISTER=%s" % exc)
+    print("FIRST_USES=%s" % (pools.first_uses(),))
+    """
+    result = run_py(code, guard=True)
+    assert result.returncode == 0, str(result)
+    got = values(result)
+    ids = "tokenizers-rayon,tokenizers-tokio,torch-openmp,openmp,torch-cuda,polars"
+    assert got["IDS"] == ids
+    assert got["GET"] == f"unknown pool 'rayon'; known pools are {ids.replace(',', ', ')}"
+    assert got["REGISTER"].startswith("tokguard.pools.register(<tokguard pool 'polars'>)")
+    assert got["FIRST_USES"] == repr((None,) * 6)
+
+
+def test_cuda_hazard_says_the_child_fails_not_hangs() -> None:
+    """A CUDA hazard renders as a failure; mixed with a hanging pool, as hang or fail."""
+    code = """
+    from tokguard import _report, pools
+    cuda = pools.get("torch-cuda").hazard("torch.cuda.is_initialized() is True")
+    rayon = pools.get("tokenizers-rayon").hazard("a batch call ran", "app.py:3 in <module>")
+    alone = _report.ForkReport([cuda], "app.py:9 in <module>", "warn", False, None)
+    both = _report.ForkReport([rayon, cuda], "app.py:9 in <module>", "warn", False, None)
+    print("ALONE=%s" % alone.message.splitlines()[1])
+    print("BOTH=%s" % both.message.splitlines()[1])
+    print("DICT=%s" % _report.hazard_dict(cuda))
+    print("BACK=%s" % (_report.Hazard(**_report.hazard_dict(rayon)).first_use,))
+    print("\\n".join(_report.render_hazards([rayon, cuda])))
+    """
+    result = run_py(code, guard=True)
+    assert result.returncode == 0, str(result)
+    got = values(result)
+    assert got["ALONE"].startswith("A child forked now would fail (CUDA cannot be used")
+    assert "hang at 0 % CPU, or fail" in got["BOTH"]
+    assert "'consequence': 'fail'" in got["DICT"]
+    assert "'repair': None" in got["DICT"]
+    assert got["BACK"] == "app.py:3 in <module>"
+    assert "    first used at app.py:3 in <module>" in result.stdout
+    assert "    child repair: none possible: the child must not use it" in result.stdout
+
+
+def test_fork_hooks_run_in_stage_order_not_registration_order() -> None:
+    """Hooks joined in reverse order still run master, single_threaded, lazy, pytest in the child.
+
+    Without the stated order they would run as registered (pytest first), the order
+    os.register_at_fork gives: the assertion on CHILD is the one that would fail.
+    """
+    code = """
+    import os
+    from tokguard import _fork
+    order = []
+    for stage in ("pytest", "lazy", "single_threaded", "master"):
+        _fork.at_fork(stage, after_in_child=lambda s=stage: order.append(s),
+                      after_in_parent=lambda s=stage: order.append("parent " + s))
+    _fork.at_fork("lazy", after_in_child=order.clear)  # joined after, runs after "lazy"'s first
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(w, ",".join(order).encode())
+        os._exit(0)
+    os.close(w)
+    print("CHILD=%s" % os.read(r, 1000).decode())
+    os.waitpid(pid, 0)
+    print("PARENT=%s" % ",".join(order))
+    try:
+        _fork.at_fork("repairs", after_in_child=print)
+    except ValueError as exc:
+        print("BAD=%s" % exc)
+    """
+    result = run_py(code, guard=True, timeout=60)
+    assert result.returncode == 0, str(result)
+    got = values(result)
+    assert got["CHILD"] == "pytest"  # lazy's clear() ran after master, single_threaded, lazy
+    assert got["PARENT"] == "parent master,parent single_threaded,parent lazy,parent pytest"
+    assert got["BAD"] == (
+        "_fork.at_fork(stage='repairs'): valid stages are "
+        "'master', 'single_threaded', 'lazy', 'pytest'"
+    )
