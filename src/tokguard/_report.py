@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -229,6 +228,10 @@ def publish(report: ForkReport) -> None:
     _warned.add(key)
     log(report.message)
     filename, lineno = _split_site(report.fork_site)
+    # Imported here, not at ``import tokguard``: the interpreter does not load warnings at
+    # start (~0.25 ms), and only an unsafe fork needs it.
+    import warnings
+
     # warn_explicit attributes the warning to the user's fork site, so per-module filters
     # and pytest's warning capture see it where the user can act on it.
     # (Passing module=None explicitly would make CPython skip the filters: leave it out.)
