@@ -681,6 +681,7 @@ def test_one():
 
 def test_two():
     print("forked-module-loaded=" + str("pytest_forked" in sys.modules))
+    print("forked-part-loaded=" + str("tokguard._pytest_forked" in sys.modules))
 """
 
 # The old conftest workaround: a pytest-forked that serialises reports itself.
@@ -757,11 +758,15 @@ def test_forked_reports_left_alone_when_they_work(plain_forked: pytest.Pytester)
 
 
 def test_forked_reports_nothing_without_pytest_forked(plain_forked: pytest.Pytester) -> None:
-    """-p no:forked: no conversion, no header line, pytest_forked not even imported."""
+    """-p no:forked: no conversion, no header line, neither pytest_forked nor the plugin's
+    pytest-forked part imported; with pytest-forked loaded, that part is."""
     result = run(plain_forked, "-p", "no:forked", "-s")
     result.assert_outcomes(passed=2)
     result.stdout.no_fnmatch_line(CONVERSION_HEADER)
-    result.stdout.fnmatch_lines(["*forked-module-loaded=False*"])
+    result.stdout.fnmatch_lines(["*forked-module-loaded=False*", "*forked-part-loaded=False*"])
+    loaded = run(plain_forked, "-s")
+    loaded.assert_outcomes(passed=2)
+    loaded.stdout.fnmatch_lines(["*forked-module-loaded=True*", "*forked-part-loaded=True*"])
 
 
 def test_forked_reports_said_at_first_marked_test(plain_forked: pytest.Pytester) -> None:
@@ -802,14 +807,17 @@ def test_forked_reports_switch_is_listed(plain_forked: pytest.Pytester) -> None:
 
 
 def test_plugin_import_is_light(inner: pytest.Pytester) -> None:
-    """Importing the plugin after pytest brings in no heavy module (torch, tokenizers, wrapt, logging)."""
+    """Importing the plugin after pytest brings in no heavy module (torch, tokenizers, wrapt,
+    logging), nor its own pytest-forked part."""
     result = inner.run(
         sys.executable,
         "-c",
         "import sys, pytest; before = set(sys.modules); import tokguard.pytest_plugin; "
-        "print('NEW', sorted(m for m in set(sys.modules) - before if not m.startswith('tokguard')))",
+        "print('NEW', sorted(m for m in set(sys.modules) - before if not m.startswith('tokguard')))\n"
+        "print('FORKED_PART', 'tokguard._pytest_forked' in sys.modules)",
         timeout=60,
     )
+    assert "FORKED_PART False" in result.outlines  # imported only where pytest-forked is loaded
     new = next(line for line in result.outlines if line.startswith("NEW"))
     for heavy in ("torch", "tokenizers", "transformers", "wrapt", "logging", "ctypes", "typing"):
         assert f"'{heavy}'" not in new, new

@@ -64,9 +64,8 @@ MODE_MARKER = (
 def check_mode(value: object, source: str, modes: tuple[str, ...] = MODES) -> str:
     """The mode ``value`` names (any case), else a usage error from the library's validator.
 
-    ``_config.validate`` also checks ``configure()`` and ``tokguard run --mode`` (and words
-    the library's own ``TOKGUARD_MODE`` warning), so every bad mode reads the same: where it
-    came from, the value as written, the valid choices.
+    ``_config.validate`` also checks ``configure()`` and ``tokguard run --mode``, so every
+    bad mode reads the same: where it came from, the value as written, the valid choices.
     """
     mode = value.strip().lower() if isinstance(value, str) else value
     try:
