@@ -279,12 +279,15 @@ def test_mode_marker_overrides_command_line(
 
 
 def test_bad_mode_marker_errors_the_test(inner: pytest.Pytester) -> None:
-    """A marker with an unknown mode errors its test, naming the value and the choices."""
+    """A marker with an unknown mode errors its test (not the session), worded like the others."""
     fork_module(inner, decorator='@pytest.mark.tokguard(mode="loud")')
     result = run(inner)
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(
-        [f"*'loud' from @pytest.mark.tokguard on test_fork.py::test_fork_after_batch*{CHOICES}*"]
+        [
+            "@pytest.mark.tokguard on test_fork.py::test_fork_after_batch: 'loud' is not a "
+            f"tokguard mode; valid values are {CHOICES}"
+        ]
     )
 
 
@@ -393,28 +396,36 @@ def test_precedence(
     result.stdout.fnmatch_lines([f"MODES plugin={plugin_mode} core={core_mode}"])
 
 
+# Every mode error comes from the library's one validator, worded as for TOKGUARD_MODE,
+# configure() and `tokguard run --mode`: where the value came from, the value, the choices.
 @pytest.mark.parametrize(
     ("source", "value", "expected"),
     [
         (
             "ini",
-            "loud",
-            f"*'loud' from the ini option tokguard in *tox.ini is not a valid mode; valid modes are {CHOICES}*",
+            "Loud",
+            "ERROR: the ini option tokguard in */tox.ini: 'Loud' is not a tokguard mode; "
+            f"valid values are {CHOICES}",
         ),
         (
             "env",
             "loud",
-            "*'loud' from the environment variable TOKGUARD_MODE is not a valid mode; valid modes are 'warn', 'raise', 'off'*",
+            "ERROR: the environment variable TOKGUARD_MODE: 'loud' is not a tokguard mode; "
+            "valid values are 'warn', 'raise', 'off'",
         ),
         (
             "env",
             "fail",
-            "*'fail' from the environment variable TOKGUARD_MODE*'fail' is a pytest-only mode*--tokguard=fail*",
+            "ERROR: the environment variable TOKGUARD_MODE: 'fail' is not a tokguard mode; "
+            "valid values are 'warn', 'raise', 'off' ('fail' is a pytest-only mode and is "
+            "already the default; TOKGUARD_MODE is also read outside pytest: use "
+            "--tokguard=fail or the ini option instead)",
         ),
         (
             "cli",
             "loud",
-            f"*'loud' from the command line option --tokguard is not a valid mode; valid modes are {CHOICES}*",
+            "ERROR: the command line option --tokguard: 'loud' is not a tokguard mode; "
+            f"valid values are {CHOICES}",
         ),
     ],
 )
@@ -670,6 +681,7 @@ def test_one():
 
 def test_two():
     print("forked-module-loaded=" + str("pytest_forked" in sys.modules))
+    print("forked-part-loaded=" + str("tokguard._pytest_forked" in sys.modules))
 """
 
 # The old conftest workaround: a pytest-forked that serialises reports itself.
@@ -746,11 +758,15 @@ def test_forked_reports_left_alone_when_they_work(plain_forked: pytest.Pytester)
 
 
 def test_forked_reports_nothing_without_pytest_forked(plain_forked: pytest.Pytester) -> None:
-    """-p no:forked: no conversion, no header line, pytest_forked not even imported."""
+    """-p no:forked: no conversion, no header line, neither pytest_forked nor the plugin's
+    pytest-forked part imported; with pytest-forked loaded, that part is."""
     result = run(plain_forked, "-p", "no:forked", "-s")
     result.assert_outcomes(passed=2)
     result.stdout.no_fnmatch_line(CONVERSION_HEADER)
-    result.stdout.fnmatch_lines(["*forked-module-loaded=False*"])
+    result.stdout.fnmatch_lines(["*forked-module-loaded=False*", "*forked-part-loaded=False*"])
+    loaded = run(plain_forked, "-s")
+    loaded.assert_outcomes(passed=2)
+    loaded.stdout.fnmatch_lines(["*forked-module-loaded=True*", "*forked-part-loaded=True*"])
 
 
 def test_forked_reports_said_at_first_marked_test(plain_forked: pytest.Pytester) -> None:
@@ -791,14 +807,17 @@ def test_forked_reports_switch_is_listed(plain_forked: pytest.Pytester) -> None:
 
 
 def test_plugin_import_is_light(inner: pytest.Pytester) -> None:
-    """Importing the plugin after pytest brings in no heavy module (torch, tokenizers, wrapt, logging)."""
+    """Importing the plugin after pytest brings in no heavy module (torch, tokenizers, wrapt,
+    logging), nor its own pytest-forked part."""
     result = inner.run(
         sys.executable,
         "-c",
         "import sys, pytest; before = set(sys.modules); import tokguard.pytest_plugin; "
-        "print('NEW', sorted(m for m in set(sys.modules) - before if not m.startswith('tokguard')))",
+        "print('NEW', sorted(m for m in set(sys.modules) - before if not m.startswith('tokguard')))\n"
+        "print('FORKED_PART', 'tokguard._pytest_forked' in sys.modules)",
         timeout=60,
     )
+    assert "FORKED_PART False" in result.outlines  # imported only where pytest-forked is loaded
     new = next(line for line in result.outlines if line.startswith("NEW"))
     for heavy in ("torch", "tokenizers", "transformers", "wrapt", "logging", "ctypes", "typing"):
         assert f"'{heavy}'" not in new, new

@@ -11,38 +11,32 @@ imports nothing beyond tokguard itself (cheap) and pytest (already loaded), and 
 is a few attribute lookups when nothing forks. The guard reports through
 ``tokguard.subscribe``; the plugin only attributes those reports to tests and fixtures.
 
-pytest-forked is special: there pytest itself forks for every test, after session
-fixtures may have started a pool. That fork is not the test's doing, so it fails no test;
-it is reported once (naming the fixture that started the pool) and the guard's child
-repair keeps the forked tests running.
-
-pytest-forked 1.7.5 also cannot send pytest 9.2's test reports from the forked child to
-pytest (it marshals ``report.__dict__``, which now holds a ``NodeId`` object): every forked
-test fails with "EXITED with status 3". Where that is so, and only there, the plugin
-converts the id the way pytest's own report serialisation does (ini ``tokguard_forked_reports``
-switches it off).
+The mode is resolved by module-level functions and hooks (the session's at configure, each
+test's from its marker), the way pytest-timeout resolves its settings; ``TokguardPlugin``
+keeps the session's record of unsafe forks. What pytest-forked needs (its own fork, its
+reports on pytest 9.2) is in ``tokguard._pytest_forked``, imported only where it is loaded.
 """
 
 from __future__ import annotations
 
 import _thread
 import os
-import sys
 
 import pytest
 
 from . import _config, _fork, _report
-from ._report import FIXES, ForkReport, first_use_line, subscribe
+from ._report import ForkReport, subscribe
 from .pools import ALL as POOLS
 from .pools import first_uses as _first_uses
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable, Generator, Iterator
-    from typing import Any
+    from collections.abc import Generator, Iterator
 
     from _pytest.fixtures import FixtureDef, SubRequest
     from pluggy import Result
+
+    from ._pytest_forked import PytestForked
 
 __all__ = ["TokguardReports"]
 
@@ -69,25 +63,24 @@ MODE_MARKER = (
 )
 
 
-def _choices(modes: tuple[str, ...]) -> str:
-    return ", ".join(repr(m) for m in modes)
+def check_mode(value: object, source: str, modes: tuple[str, ...] = MODES) -> str:
+    """The mode ``value`` names (any case), else a usage error from the library's validator.
 
-
-def _check(value: object, source: str, modes: tuple[str, ...] = MODES) -> str:
-    """The mode ``value`` names, or a usage error naming the value, its source and the choices."""
+    ``_config.validate`` also checks ``configure()`` and ``tokguard run --mode``, so every
+    bad mode reads the same: where it came from, the value as written, the valid choices.
+    """
     mode = value.strip().lower() if isinstance(value, str) else value
-    if mode in modes:
-        return str(mode)
-    hint = ""
-    if mode == "fail" and modes == ENV_MODES:
-        hint = (
-            " ('fail' is a pytest-only mode and is already the default; TOKGUARD_MODE is also "
-            "read outside pytest. Use --tokguard=fail or the ini option instead.)"
-        )
-    raise pytest.UsageError(
-        f"tokguard: {value!r} from {source} is not a valid mode; valid modes are "
-        f"{_choices(modes)}.{hint}"
-    )
+    try:
+        # Any case is accepted; an error quotes the value as written, to be found and fixed.
+        return _config.validate(mode if mode in modes else value, source, "a tokguard mode", modes)
+    except ValueError as exc:
+        hint = ""
+        if mode == "fail" and modes == ENV_MODES:
+            hint = (
+                " ('fail' is a pytest-only mode and is already the default; TOKGUARD_MODE is "
+                "also read outside pytest: use --tokguard=fail or the ini option instead)"
+            )
+        raise pytest.UsageError(f"{exc}{hint}") from None
 
 
 def resolve_mode(config: pytest.Config) -> tuple[str, str]:
@@ -104,13 +97,14 @@ def resolve_mode(config: pytest.Config) -> tuple[str, str]:
             if config.inipath
             else "the ini option tokguard"
         )
-        mode, source = _check(ini, where), "ini"
+        mode, source = check_mode(ini, where), "ini"
     env = os.environ.get(_config.MODE_VAR, "")
     if env.strip():
-        mode, source = _check(env, f"the environment variable {_config.MODE_VAR}", ENV_MODES), "env"
+        where = f"the environment variable {_config.MODE_VAR}"
+        mode, source = check_mode(env, where, ENV_MODES), "env"
     cli = config.getoption("tokguard")
     if cli is not None:
-        mode, source = _check(cli, "the command line option --tokguard"), "cli"
+        mode, source = check_mode(cli, "the command line option --tokguard"), "cli"
     return mode, source
 
 
@@ -123,16 +117,48 @@ def marker_mode(item: pytest.Item, session_mode: str) -> tuple[str, bool]:
     for marker in item.iter_markers():
         if marker.name == "tokguard":
             value = marker.kwargs.get("mode", marker.args[0] if marker.args else None)
-            return _check(value, f"@pytest.mark.tokguard on {item.nodeid}"), True
+            return check_mode(value, f"@pytest.mark.tokguard on {item.nodeid}"), True
         if marker.name == "tokguard_allow":
             reason = marker.kwargs.get("reason", marker.args[0] if marker.args else None)
             if not isinstance(reason, str) or not reason.strip():
                 raise pytest.UsageError(
-                    f"tokguard: @pytest.mark.tokguard_allow on {item.nodeid} needs a reason: "
+                    f"@pytest.mark.tokguard_allow on {item.nodeid} needs a reason: "
                     '@pytest.mark.tokguard_allow(reason="why this test may fork unsafely")'
                 )
             return "warn", True
     return session_mode, False
+
+
+_ITEM_MODE = pytest.StashKey[str]()
+_ITEM_ERROR = pytest.StashKey[str]()
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, None, None]:
+    """The test's mode, in force for the guard while the test (setup to teardown) runs."""
+    session_mode = item.config.stash[_KEY].mode
+    try:
+        mode, explicit = marker_mode(item, session_mode)
+    except pytest.UsageError as exc:
+        # A bad marker errors its test (at setup), not the whole session.
+        mode, explicit = session_mode, False
+        item.stash[_ITEM_ERROR] = str(exc)
+    item.stash[_ITEM_MODE] = mode
+    previous = _config.mode
+    if explicit:
+        _config.set_mode(CORE_MODE[mode])
+    try:
+        yield
+    finally:
+        if explicit:
+            _config.set_mode(previous)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    error = item.stash.get(_ITEM_ERROR, None)
+    if error is not None:
+        pytest.fail(error, pytrace=False)
 
 
 def _plural(n: int, word: str, plural: str | None = None) -> str:
@@ -178,6 +204,41 @@ def _fixture_where(fixturedef: FixtureDef[object]) -> str:
     return f"{fixturedef.scope}-scoped fixture {fixturedef.argname!r}{where}"
 
 
+def render(entries: list[_Entry], mode: str | None, origins: dict[str, str]) -> str:
+    """The reports of one phase, grouped: a fork in a loop is one paragraph, not twenty."""
+    groups: dict[tuple[str | None, tuple[str, ...], str | None], list[_Entry]] = {}
+    for entry in entries:
+        key = (entry.report.fork_site, entry.report.pools, entry.context)
+        groups.setdefault(key, []).append(entry)
+    parts = []
+    for (site, pools, context), group in groups.items():
+        verb = "refused fork" if group[0].report.refused else "unsafe fork"
+        head = f"tokguard: {_plural(len(group), verb)}"
+        if context:
+            head += f" during {context}"
+        head += f" at {_short_site(site)} ({', '.join(pools)})"
+        lines = [head, group[0].report.message]
+        if not any(e.forked or e.report.refused for e in group):
+            lines.append(
+                "  No child was created after all: a warnings filter (-W error, say) turned "
+                "tokguard's UnsafeForkWarning into an exception before the fork."
+            )
+        # A pool started by a fixture: its first-use line alone does not say which one.
+        lines.extend(
+            f"  The {pool} pool was started during {origins[pool]}."
+            for pool in pools
+            if origins.get(pool, "").startswith("setup of")
+        )
+        parts.append("\n".join(lines))
+    if mode == "fail":
+        parts.append(
+            "tokguard mode 'fail': this test forked while a native pool was running, so it "
+            "fails. To allow it here: @pytest.mark.tokguard_allow(reason=...); "
+            "to only report such forks: --tokguard=warn."
+        )
+    return "\n\n".join(parts)
+
+
 class TokguardReports:
     """The unsafe forks recorded during the running test (the ``tokguard_reports`` fixture).
 
@@ -214,38 +275,31 @@ class TokguardReports:
         if entries:
             raise AssertionError(
                 f"expected no unsafe fork, got {len(entries)}:\n"
-                + self._plugin.render(entries, None)
+                + render(entries, None, self._plugin.origins)
             )
 
 
 class TokguardPlugin:
-    """The session's state: the mode, what each test forked, and the summary counts."""
+    """The session's record: each unsafe fork, attributed to the test or fixture that made it."""
 
-    def __init__(self, config: pytest.Config, mode: str, source: str) -> None:
+    def __init__(self, config: pytest.Config, mode: str) -> None:
         self.config = config
         self.mode = mode
-        self.source = source
+        """The session's mode (ini, env, option); a test's own is in its stash."""
         self.item: pytest.Item | None = None
-        self.item_mode = mode
-        self.item_error: str | None = None
         self.item_entries: list[_Entry] = []
         self.pending: list[_Entry] = []  # not yet attributed to a phase's report
         self.outside: list[_Entry] = []  # forks while no test ran (collection, say)
         self.fixtures: list[FixtureDef[object]] = []  # being set up now, innermost last
         self.origins: dict[str, str] = {}  # pool -> where in the session it was first used
         self.awaiting: dict[int, _Entry] = {}  # thread -> entry whose fork is under way
-        self.in_runner_fork = False
-        self.runner_mode: str | None = None  # the guard's mode to restore in a forked child
-        self.runner_first: tuple[str, _Entry] | None = None
-        self.runner_printed = False
         self.forks = 0
         self.tests: set[str] = set()
         self.repaired = 0
         self.refused = 0
-        self.runner_entries: list[_Entry] = []
         self.previous_mode: str | None = None
         self.outer: TokguardPlugin | None = None
-        self.forked_reports: ForkedReports | None = None
+        self.forked: PytestForked | None = None  # where pytest-forked is loaded
         self.unsubscribe = subscribe(self._record)
 
     # --- the guard's side: called on every unsafe fork, in the forking thread --------------
@@ -254,28 +308,13 @@ class TokguardPlugin:
         context = _fixture_where(self.fixtures[-1]) if self.fixtures else None
         entry = _Entry(report, f"setup of {context}" if context else None)
         self.awaiting[_thread.get_ident()] = entry
-        if self.in_runner_fork:
-            self._record_runner(entry)
+        if self.forked is not None and self.forked.forking:
+            self.forked.record(entry)
         elif self.item is None:
             self.outside.append(entry)
         else:
             self.item_entries.append(entry)
             self.pending.append(entry)
-
-    def _record_runner(self, entry: _Entry) -> None:
-        # pytest-forked's fork is pytest's, not the test's: it is reported once, by this
-        # plugin, so the guard's own warning is marked as given (under -W error it would
-        # otherwise stop pytest-forked from forking at all).
-        report = entry.report
-        _report.mark_warned(report)
-        nodeid = self.item.nodeid if self.item is not None else "?"
-        self.runner_entries.append(entry)
-        self.tests.add(nodeid)
-        if self.runner_first is None:
-            self.runner_first = (nodeid, entry)
-            # Said now, before the fork: should a forked test hang anyway (a pool without a
-            # repair), the explanation is already on the terminal.
-            self.print_runner_report()
 
     def after_fork_in_parent(self) -> None:
         ident = _thread.get_ident()
@@ -288,12 +327,8 @@ class TokguardPlugin:
 
     def after_fork_in_child(self) -> None:
         self.awaiting.clear()
-        if self.in_runner_fork:
-            # This is the forked test's own process: its forks are the test's again.
-            self.in_runner_fork = False
-            if self.runner_mode is not None:
-                _config.set_mode(self.runner_mode)
-                self.runner_mode = None
+        if self.forked is not None:
+            self.forked.after_fork_in_child()
 
     # --- pytest's side ------------------------------------------------------------------
 
@@ -307,27 +342,12 @@ class TokguardPlugin:
         self.item = item
         self.item_entries = []
         self.pending = []
-        self.item_error = None
-        try:
-            self.item_mode, explicit = marker_mode(item, self.mode)
-        except pytest.UsageError as exc:
-            self.item_mode, explicit, self.item_error = self.mode, False, str(exc)
-        previous = _config.mode
-        if explicit:
-            _config.set_mode(CORE_MODE[self.item_mode])
         try:
             yield
         finally:
-            if explicit:
-                _config.set_mode(previous)
             self.outside.extend(self.pending)
             self.pending = []
             self.item = None
-
-    @pytest.hookimpl(tryfirst=True)
-    def pytest_runtest_setup(self, item: pytest.Item) -> None:
-        if self.item_error is not None:
-            pytest.fail(self.item_error, pytrace=False)
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_fixture_setup(
@@ -357,58 +377,24 @@ class TokguardPlugin:
         if not self.pending:
             return
         entries, self.pending = self.pending, []
-        if self.item_mode == "off":
-            return
-        self.annotate(outcome.get_result(), entries)
+        mode = item.stash.get(_ITEM_MODE, self.mode)
+        if mode != "off":
+            self.annotate(outcome.get_result(), entries, mode)
 
-    def annotate(self, rep: pytest.TestReport, entries: list[_Entry]) -> None:
+    def annotate(self, rep: pytest.TestReport, entries: list[_Entry], mode: str) -> None:
         """Put the reports on the phase's report, and fail it in mode 'fail'."""
-        text = self.render(entries, self.item_mode)
+        text = render(entries, mode, self.origins)
         # Plain attributes travel with the report to pytest-forked's parent and xdist's
         # controller, which count them for the summary.
         rep.tokguard_forks = len(entries)  # type: ignore[attr-defined]
         rep.tokguard_repaired = sum(e.repaired for e in entries)  # type: ignore[attr-defined]
         rep.tokguard_refused = sum(e.report.refused for e in entries)  # type: ignore[attr-defined]
-        if self.item_mode == "fail" and rep.passed:
+        if mode == "fail" and rep.passed:
             rep.outcome = "failed"
             rep.longrepr = text
         else:
             # A test that failed anyway, or mode warn/raise: the report goes with it.
             rep.sections.append((f"tokguard: unsafe fork during {rep.when}", text))
-
-    def render(self, entries: list[_Entry], mode: str | None) -> str:
-        """The reports of one phase, grouped: a fork in a loop is one paragraph, not twenty."""
-        groups: dict[tuple[str | None, tuple[str, ...], str | None], list[_Entry]] = {}
-        for entry in entries:
-            key = (entry.report.fork_site, entry.report.pools, entry.context)
-            groups.setdefault(key, []).append(entry)
-        parts = []
-        for (site, pools, context), group in groups.items():
-            verb = "refused fork" if group[0].report.refused else "unsafe fork"
-            head = f"tokguard: {_plural(len(group), verb)}"
-            if context:
-                head += f" during {context}"
-            head += f" at {_short_site(site)} ({', '.join(pools)})"
-            lines = [head, group[0].report.message]
-            if not any(e.forked or e.report.refused for e in group):
-                lines.append(
-                    "  No child was created after all: a warnings filter (-W error, say) turned "
-                    "tokguard's UnsafeForkWarning into an exception before the fork."
-                )
-            # A pool started by a fixture: its first-use line alone does not say which one.
-            lines.extend(
-                f"  The {pool} pool was started during {self.origins[pool]}."
-                for pool in pools
-                if self.origins.get(pool, "").startswith("setup of")
-            )
-            parts.append("\n".join(lines))
-        if mode == "fail":
-            parts.append(
-                "tokguard mode 'fail': this test forked while a native pool was running, so it "
-                "fails. To allow it here: @pytest.mark.tokguard_allow(reason=...); "
-                "to only report such forks: --tokguard=warn."
-            )
-        return "\n\n".join(parts)
 
     @pytest.hookimpl
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -419,55 +405,9 @@ class TokguardPlugin:
             self.repaired += getattr(report, "tokguard_repaired", 0)
             self.refused += getattr(report, "tokguard_refused", 0)
 
-    def print_runner_report(self) -> None:
-        """Say once, as soon as it is known, that pytest-forked forks a process with pools."""
-        if self.runner_first is None or self.runner_printed:
-            return
-        self.runner_printed = True
-        nodeid, entry = self.runner_first
-        report = entry.report
-        lines = [
-            f"pytest-forked forks this pytest process (pid {report.pid}) for every forked "
-            f"test, and native pools already run in it (seen first when forking {nodeid}):"
-        ]
-        for hazard in report.hazards:
-            lines.append(f"  - {hazard.title}: {hazard.evidence}")
-            if hazard.pool in self.origins:
-                lines.append(f"    started during {self.origins[hazard.pool]}")
-            if hazard.first_use:
-                lines.append(f"    {first_use_line(hazard.first_use)}")
-            lines.append(f"    child repair: {hazard.repair or 'none possible'}")
-        lines.append(
-            "  Unrepaired, every forked test that uses such a pool would hang. tokguard repairs "
-            "each forked child, so the tests run (without parallelism inside them). This is "
-            "reported once; the forked tests are not failed for it."
-        )
-        lines.append("  Fix it for good, any one of:")
-        lines.extend(f"  - {fix}" for fix in FIXES)
-        lines.append("  - give the fixture function scope, so each forked test builds its own")
-        self.write_section("tokguard: pytest-forked", "\n".join(lines))
-
-    def write_section(self, title: str, text: str) -> None:
-        terminal = self.config.pluginmanager.get_plugin("terminalreporter")
-        if terminal is None:
-            return
-        terminal.ensure_newline()
-        terminal.write_sep("-", title, yellow=True)
-        for line in text.splitlines():
-            terminal.write_line(line)
-        terminal.flush()  # a forked child must not inherit (and repeat) buffered output
-
-    @pytest.hookimpl
-    def pytest_report_header(self, config: pytest.Config) -> list[str]:
-        # Said in the header under --forked; a session that forks only the tests marked
-        # `forked` hears it at the first of them, and one that forks nothing never does.
-        if self.forked_reports is None or not config.getoption("forked", False):
-            return []
-        return [self.forked_reports.announce()]
-
     @pytest.hookimpl
     def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
-        runner = self.runner_entries
+        runner = self.forked.entries if self.forked is not None else []
         outside = [e for e in self.outside if self.mode != "off"]
         forks = self.forks + len(runner) + len(outside)
         if not forks:
@@ -485,47 +425,15 @@ class TokguardPlugin:
             line += f" ({len(outside)} outside tests)"
         if outside and self.mode != "off":
             terminalreporter.write_sep("-", "tokguard: unsafe forks outside tests", yellow=True)
-            terminalreporter.write_line(self.render(outside, None))
+            terminalreporter.write_line(render(outside, None, self.origins))
         terminalreporter.write_sep("=", line, yellow=True, bold=True)
 
     def close(self) -> None:
         self.unsubscribe()
+        if self.forked is not None:
+            self.forked.close()
         if self.previous_mode is not None:
             _config.set_mode(self.previous_mode)
-
-
-class PytestForked:
-    """Hooks for pytest-forked, registered only when that plugin is loaded."""
-
-    def __init__(self, plugin: TokguardPlugin) -> None:
-        self.plugin = plugin
-
-    @pytest.hookimpl(hookwrapper=True)
-    def pytest_runtest_protocol(self, item: pytest.Item) -> Generator[None, None, None]:
-        if not (item.config.getoption("forked", False) or item.get_closest_marker("forked")):
-            yield
-            return
-        plugin = self.plugin
-        if plugin.forked_reports is not None and not plugin.forked_reports.announced:
-            terminal = plugin.config.pluginmanager.get_plugin("terminalreporter")
-            if terminal is not None:
-                terminal.ensure_newline()
-                terminal.write_line(plugin.forked_reports.announce())
-                terminal.flush()
-        plugin.in_runner_fork = True
-        restore = None
-        if _config.mode == "raise":
-            # Refusing pytest-forked's own fork would stop the session, not the unsafe code;
-            # the test's mode is put back in the child (after_fork_in_child).
-            restore = plugin.runner_mode = "raise"
-            _config.set_mode("warn")
-        try:
-            yield
-        finally:
-            plugin.in_runner_fork = False
-            plugin.runner_mode = None
-            if restore is not None:
-                _config.set_mode(restore)
 
 
 FORKED_REPORTS_HELP = (
@@ -533,77 +441,6 @@ FORKED_REPORTS_HELP = (
     "(pytest-forked 1.7.5 with pytest 9.2: every forked test fails with 'EXITED with "
     "status 3'); default true; false leaves pytest-forked as it is."
 )
-
-
-class ForkedReports:
-    """pytest-forked's report serialisation, repaired where it fails.
-
-    pytest-forked marshals a copy of ``report.__dict__``. Since pytest 9.2 the node id
-    lives there as ``_id``, a ``NodeId`` object that marshal refuses, so the child dies
-    before it can hand its reports back. pytest's own ``_report_to_json`` (what xdist
-    uses) writes ``_id`` as the ``nodeid`` string, which ``TestReport(**d)`` accepts on
-    the other side; this does the same, and nothing else.
-
-    Whether it is needed is found by trying, not by reading versions: a report is
-    serialised the way pytest-forked does and marshalled. A pytest-forked that works
-    on its own is left alone.
-    """
-
-    def __init__(self, module: Any, original: Callable[[Any], dict[str, Any]]) -> None:
-        self.module = module
-        self.original = original
-        self.announced = False
-
-    @staticmethod
-    def broken(serialize: Callable[[Any], dict[str, Any]]) -> bool:
-        """Whether a minimal passing report fails to go through ``serialize`` and marshal."""
-        import marshal
-
-        report = pytest.TestReport(
-            "probe.py::probe", ("probe.py", 0, "probe"), {}, "passed", None, "call"
-        )
-        try:
-            marshal.dumps(serialize(report))
-        except ValueError:
-            return True
-        return False
-
-    @classmethod
-    def install(cls) -> ForkedReports | None:
-        """Replace ``pytest_forked.serialize_report`` if (and only if) it fails; else None."""
-        module: Any = sys.modules.get("pytest_forked")
-        original = getattr(module, "serialize_report", None)
-        if original is None or not callable(original):
-            return None
-        try:
-            if not cls.broken(original):
-                return None
-            fixer = cls(module, original)
-            if cls.broken(fixer.serialize):
-                return None  # broken in some other way: converting the id would not help
-        except Exception as exc:
-            _report.internal_error("checking pytest-forked's report serialisation", exc)
-            return None
-        module.serialize_report = fixer.serialize
-        return fixer
-
-    def serialize(self, report: Any) -> dict[str, Any]:
-        data = self.original(report)
-        if "_id" in data:
-            data["nodeid"] = str(data.pop("_id"))
-        return data
-
-    def uninstall(self) -> None:
-        if getattr(self.module, "serialize_report", None) == self.serialize:
-            self.module.serialize_report = self.original
-
-    def announce(self) -> str:
-        """The line that says so, once; marks it said."""
-        self.announced = True
-        return (
-            "tokguard converts pytest-forked's test reports, which pytest-forked cannot "
-            "serialise on this pytest (switch off: -o tokguard_forked_reports=false)"
-        )
 
 
 _KEY = pytest.StashKey[TokguardPlugin]()
@@ -670,7 +507,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", ALLOW_MARKER)
     config.addinivalue_line("markers", MODE_MARKER)
     mode, source = resolve_mode(config)
-    plugin = TokguardPlugin(config, mode, source)
+    plugin = TokguardPlugin(config, mode)
     if source in ("ini", "cli"):
         # TOKGUARD_MODE was applied by the library at import; code that called
         # tokguard.configure() since is only overridden by an explicit pytest setting.
@@ -680,9 +517,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(plugin, "tokguard-session")
     # pytest-forked registers as "pytest_forked" (entry point name); -p no:forked blocks both.
     if any(config.pluginmanager.hasplugin(name) for name in ("pytest_forked", "forked")):
-        config.pluginmanager.register(PytestForked(plugin), "tokguard-forked")
-        if config.getini("tokguard_forked_reports"):
-            plugin.forked_reports = ForkedReports.install()
+        from ._pytest_forked import PytestForked
+
+        plugin.forked = PytestForked(plugin, config)
+        config.pluginmanager.register(plugin.forked, "tokguard-forked")
     plugin.outer = _active  # an in-process pytester session nests inside another
     _active = plugin
     if not _hooks_registered:
@@ -696,8 +534,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if plugin is None:
         return
     plugin.close()
-    if plugin.forked_reports is not None:
-        plugin.forked_reports.uninstall()
     if _active is plugin:
         _active = plugin.outer
 
@@ -706,4 +542,4 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 def tokguard_reports(request: pytest.FixtureRequest) -> TokguardReports:
     """The unsafe forks recorded during this test; ``.assert_none()`` fails if there are any."""
     plugin = request.config.stash[_KEY]
-    return TokguardReports(plugin, plugin.item_mode)
+    return TokguardReports(plugin, request.node.stash.get(_ITEM_MODE, plugin.mode))
