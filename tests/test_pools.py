@@ -41,7 +41,7 @@ def test_cuda_hazard_says_the_child_fails_not_hangs() -> None:
     print("ALONE=%s" % alone.message.splitlines()[1])
     print("BOTH=%s" % both.message.splitlines()[1])
     print("DICT=%s" % _report.hazard_dict(cuda))
-    print("BACK=%s" % (_report.Hazard(**_report.hazard_dict(rayon)).first_use,))
+    print("BACK=%s" % (_report.hazard_from_dict(_report.hazard_dict(rayon)).first_use,))
     print("\\n".join(_report.render_hazards([rayon, cuda])))
     """
     result = run_py(code, guard=True)

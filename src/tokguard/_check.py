@@ -17,7 +17,7 @@ import tempfile
 import time
 
 from . import _watchdog
-from ._report import FIXES, Hazard, consequence, render_hazards
+from ._report import FIXES, consequence, hazard_from_dict, render_hazards
 from .cli import (
     EXIT_IMPORT_FAILED,
     EXIT_INTERNAL,
@@ -292,7 +292,7 @@ def render(result: dict[str, Any]) -> str:
         else:
             hazards = result["hazards"]
             lines.append(f"UNSAFE: {target} ({what}{threads}).")
-            found = [Hazard(**h) for h in hazards]
+            found = [hazard_from_dict(h) for h in hazards]
             lines.append(
                 f"  A worker forked now would {consequence(found)}: {len(hazards)} native "
                 "pool(s) run in the process after the import."

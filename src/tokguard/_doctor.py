@@ -347,7 +347,7 @@ def render(info: dict[str, Any]) -> str:
     out.append(f"Pools       {', '.join(info['pools'])} (the ones tokguard watches)")
     if info["hazards"]:
         out.append("Hazards now")
-        out.extend(_report.render_hazards(_report.Hazard(**h) for h in info["hazards"]))
+        out.extend(_report.render_hazards(_report.hazard_from_dict(h) for h in info["hazards"]))
     else:
         out.append("Hazards now none: a fork from this process would not hang")
     out.append("Advice")

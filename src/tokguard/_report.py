@@ -74,8 +74,20 @@ NO_REPAIR = "none possible: the child must not use it"
 
 
 def hazard_dict(hazard: Hazard) -> dict[str, Any]:
-    """A hazard as JSON (``check --json``, ``doctor --json``); ``Hazard(**d)`` reads it back."""
+    """A hazard as JSON (``check --json``, ``doctor --json``); ``hazard_from_dict`` reads it back."""
     return {name: getattr(hazard, name) for name in HAZARD_FIELDS}
+
+
+def hazard_from_dict(data: dict[str, Any]) -> Hazard:
+    """``hazard_dict``'s inverse; a missing field gets its empty value (a partial verdict)."""
+    return Hazard(
+        data.get("pool", ""),
+        data.get("title", ""),
+        data.get("evidence", ""),
+        data.get("first_use"),
+        data.get("repair"),
+        data.get("consequence", "hang"),
+    )
 
 
 def consequence(hazards: Iterable[Hazard]) -> str:
