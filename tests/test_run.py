@@ -21,12 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TOKGUARD_DIR
+from conftest import LAB, TOKGUARD_DIR
 
 BIN = Path(sys.executable).parent
 TOKGUARD = [sys.executable, "-m", "tokguard"]
 BOOTSTRAP = os.path.join(TOKGUARD_DIR, "_bootstrap")
-LAB = os.path.join(TOKGUARD_DIR, "_lab.py")
 APPS = Path(__file__).parent / "apps"
 
 
@@ -353,13 +352,10 @@ def test_opentelemetry_instrument_in_either_order(order: str) -> None:
 
 MAIN = """\
 # Never imports tokguard. Warms tokenizers' pool, then forks a multiprocessing Pool.
-import importlib.util, multiprocessing, os, sys
+import multiprocessing, os, sys
 
 os.environ["TOKENIZERS_PARALLELISM"] = "true"
-spec = importlib.util.spec_from_file_location("lab", {lab!r})
-lab = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(lab)
-TEXTS = lab.corpus(200)
+{lab}TEXTS = lab.corpus(200)
 TOK = lab.train_tokenizer()
 TOK.encode_batch(TEXTS)  # the warm-up: the rayon pool runs in this process now
 
@@ -495,11 +491,7 @@ def test_gunicorn_preload_cross_encoder(
 
 
 FORKED_CONFTEST = """
-import importlib.util, os, sys
-spec = importlib.util.spec_from_file_location("tg_lab", {lab!r})
-lab = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(lab)
-TEXTS = lab.corpus(200)
+{lab}TEXTS = lab.corpus(200)
 TOK = lab.train_tokenizer()
 TOK.encode_batch(TEXTS)
 """
