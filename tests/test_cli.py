@@ -233,7 +233,7 @@ def test_check_verdict_matches_a_real_fork(tmp_path: Path) -> None:
         import tokapp
         texts = ["a text", "another text", "a third one"]
         r = tokapp.lab.watchdog.fork_and_watch(lambda: tokapp.app.encode_batch(texts), 2, 4.0)
-        print(json.dumps({{"hung": r.hung, "tokguard": "tokguard" in sys.modules}}))
+        print(json.dumps({"hung": r.hung, "tokguard": "tokguard" in sys.modules}))
         """
     )
     env = dict(os.environ, TOKENIZERS_PARALLELISM="true")
