@@ -8,20 +8,18 @@ Commands run in their own session and the whole group is killed at the end.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from conftest import LAB, TOKGUARD_DIR
+from net import free_port, get_json
 
 BIN = Path(sys.executable).parent
 TOKGUARD = [sys.executable, "-m", "tokguard"]
@@ -391,24 +389,10 @@ def test_main_py_fork_pool(tmp_path: Path, guarded: bool) -> None:
         assert result.stdout.strip() == "HUNG", result
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _get(url: str, timeout: float) -> dict[str, object] | None:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return dict(json.loads(response.read()))
-    except (OSError, ValueError):
-        return None
-
-
 @contextlib.contextmanager
 def server(argv: list[str], log: Path, env: dict[str, str], ready: str) -> Iterator[str]:
     """Start a server on a free port (``{port}`` in argv); yield its URL once ``ready`` answers."""
-    port = _free_port()
+    port = free_port()
     argv = [a.replace("{port}", str(port)) for a in argv]
     with open(log, "wb") as out:
         proc = subprocess.Popen(
@@ -417,7 +401,7 @@ def server(argv: list[str], log: Path, env: dict[str, str], ready: str) -> Itera
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
-        while _get(url + ready, 2) is None:
+        while get_json(url + ready, 2) is None:
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"server did not answer:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
@@ -451,7 +435,7 @@ def test_uvicorn_spawned_workers_are_guarded(tmp_path: Path) -> None:
     argv = [*TOKGUARD, "run", "--", sys.executable, "-m", "uvicorn", "--workers", "2",
             "--port", "{port}", "--app-dir", str(tmp_path), "spawned_app:app"]  # fmt: skip
     with server(argv, tmp_path / "uvicorn.log", _env(), "/") as url:
-        answers = [_get(url + f"/{i}", 10) for i in range(8)]
+        answers = [get_json(url + f"/{i}", 10) for i in range(8)]
     assert all(a is not None and a["tokguard"] is True for a in answers), answers
 
 
@@ -478,7 +462,7 @@ def test_gunicorn_preload_cross_encoder(
     log = tmp_path / "gunicorn.log"
     env = _env(TOKGUARD_TEST_MODEL=cross_encoder_path, TOKGUARD_MASTER=master)
     with server(argv, log, env, "/health") as url:
-        answers = [_get(url + f"/q{i}", 8) for i in range(4)]
+        answers = [get_json(url + f"/q{i}", 8) for i in range(4)]
     text = log.read_text()
     if guarded:
         assert all(a is not None and "score" in a for a in answers), text[-3000:]
