@@ -40,6 +40,8 @@ ROWS = {
     "row4": ("torch",),
     "row7": ("torch", "sentence_transformers"),
     "row9": (),
+    "mp_pool": ("torch",),  # tasks of a multiprocessing fork Pool(2), not forks
+    "dataloader": ("torch",),  # batches of a DataLoader(num_workers=2)
 }
 
 
@@ -107,6 +109,23 @@ def test_row9_child_gets_error_instead_of_hang() -> None:
         "UnsafeForkError: tokenizers.Tokenizer.async_encode()"
     ), str(result)
     assert "tokenizers async runtime (tokio)" in result.stderr
+
+
+def test_scenario_run_with_dash_m_stays_unguarded() -> None:
+    """``python -m tokguard._lab.scenarios ROW`` (no --guard) re-executes without tokguard.
+
+    ``-m`` runs ``tokguard/__init__.py`` before the runner: the baseline must still hang,
+    with tokguard absent, or a demo's "without tokguard" column would be a lie.
+    """
+    code = """
+    import runpy, sys
+    sys.argv[1:] = ["row2", "--forks", "2", "--timeout", "6", "--json"]
+    runpy.run_module("tokguard._lab.scenarios", run_name="__main__", alter_sys=True)
+    """
+    result = run_py(code, timeout=240)
+    assert result.returncode == 0, str(result)
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert (report["hung"], report["tokguard_imported"]) == (2, False), str(result)
 
 
 # --- no report where nothing is unsafe --------------------------------------------------------
@@ -413,91 +432,15 @@ def test_fork_inside_a_thread() -> None:
         assert values(result)["PARENT_ENV"] == "true"
 
 
-POOL_AND_LOADER = """
-import multiprocessing, time
-import torch
-torch.set_num_threads(2)
-TOK = _lab.train_tokenizer()
-TOK.encode_batch(_lab.corpus(64))
-a = torch.ones(256, 256)
-(a @ a).sum()
+@pytest.mark.parametrize("row", ["mp_pool", "dataloader"])
+def test_pool_and_dataloader_after_tokenizer_and_torch(row: str) -> None:
+    """multiprocessing fork Pool and DataLoader(num_workers=2): complete with tokguard.
 
-def task(i):
-    TOK.encode_batch([f"text {i}", "another text", "a third one"])
-    b = torch.ones(256, 256)
-    return float((b @ b)[0, 0])
-
-def run_pool():
-    # Short waits, retried: between two, the watchdog looks at the workers (DEADLINE bounds all).
-    pool = multiprocessing.get_context("fork").Pool(2)
-    workers = _watchdog.PoolMonitor(lambda: [w.pid for w in pool._pool])
-    deadline = time.monotonic() + DEADLINE
-    try:
-        answer = pool.map_async(task, range(8))
-        while not answer.ready() and not workers.hung() and time.monotonic() < deadline:
-            answer.wait(0.1)
-        print("POOL=%s" % (answer.get() if answer.ready() else "hung"))
-    finally:
-        pool.terminate()
-        pool.join()
-
-def run_loader():
-    from torch.utils.data import DataLoader, Dataset
-    class Texts(Dataset):
-        def __len__(self):
-            return 8
-        def __getitem__(self, i):
-            return task(i)
-    loader = DataLoader(Texts(), batch_size=2, num_workers=2, timeout=0.2,
-                        multiprocessing_context="fork")
-    iterator = iter(loader)
-    workers = _watchdog.PoolMonitor(lambda: [w.pid for w in iterator._workers])
-    deadline = time.monotonic() + DEADLINE
-    batches = 0
-    while batches < len(loader):
-        try:
-            next(iterator)
-            batches += 1
-        except RuntimeError as exc:  # "DataLoader timed out after 0.2 seconds": look, retry
-            if "timed out" not in str(exc):
-                print("LOADER=error %s" % exc)
-                return
-            if workers.hung() or time.monotonic() >= deadline:
-                for worker in iterator._workers:  # its own shutdown would wait 5 s for each
-                    worker.kill()
-                print("LOADER=hung")
-                return
-    print("LOADER=%d" % batches)
-
-if __name__ == "__main__":
-    WHICH()
-"""
-
-
-@pytest.mark.parametrize("which", ["run_pool", "run_loader"])
-def test_pool_and_dataloader_after_tokenizer_and_torch(which: str, tmp_path: Path) -> None:
-    """multiprocessing fork Pool and DataLoader(num_workers=2): hang without, complete with."""
-    pytest.importorskip("torch")
-    key = "POOL" if which == "run_pool" else "LOADER"
-    code = POOL_AND_LOADER.replace("WHICH", which).replace("DEADLINE", "10")
-    for guard in (False, True):
-        script = tmp_path / f"app_{guard}.py"
-        result = run_py(
-            code,
-            guard=guard,
-            path=script,
-            env={"TOKENIZERS_PARALLELISM": "true"},
-            timeout=180,
-        )
-        assert result.returncode == 0, str(result)
-        got = values(result)[key]
-        if guard:
-            assert got == (
-                "[256.0, 256.0, 256.0, 256.0, 256.0, 256.0, 256.0, 256.0]" if key == "POOL" else "4"
-            ), str(result)
-            assert "UnsafeForkWarning" in result.stderr
-        else:
-            assert got == "hung", str(result)
+    The same scenarios hang without it: ``test_row_hangs_without_tokguard``.
+    """
+    report, result = run_scenario(row, guard=True)
+    assert counts(report) == (FORKS, FORKS, 0, 0, 0), str(result)
+    assert "UnsafeForkWarning" in result.stderr
 
 
 # --- repairs, parent, subscribers, reload -----------------------------------------------------

@@ -449,14 +449,14 @@ def test_uvicorn_spawned_workers_are_guarded(tmp_path: Path) -> None:
 def test_gunicorn_preload_cross_encoder(
     cross_encoder_path: str, tmp_path: Path, guarded: bool, master: str | None
 ) -> None:
-    """server_wsgi (never imports tokguard) under gunicorn --preload: hangs plain, answers under run.
+    """master_app (never imports tokguard) under gunicorn --preload: hangs plain, answers under run.
 
     Under ``tokguard run`` the arbiter is a recognised master: its pools stay cold and nothing is
     reported. With master mode off, the workers are repaired and the fork is reported once.
     """
     pytest.importorskip("gunicorn")
     argv = [sys.executable, "-m", "gunicorn", "--preload", "-w", "2", "-b", "127.0.0.1:{port}",
-            "--timeout", "5", "--graceful-timeout", "2", "server_wsgi:app"]  # fmt: skip
+            "--timeout", "5", "--graceful-timeout", "2", "master_app:app"]  # fmt: skip
     if guarded:
         argv = [*TOKGUARD, "run", "--", *argv]
     log = tmp_path / "gunicorn.log"

@@ -126,20 +126,21 @@ def gunicorn(
             master.wait(timeout=15)
 
 
+# (the app's attribute in master_app and master_app_guarded, gunicorn's worker class)
 SERVERS = [
-    pytest.param("server_wsgi", None, id="wsgi-sync"),
-    pytest.param("server_asgi", "uvicorn_worker.UvicornWorker", id="asgi-uvicorn-worker"),
+    pytest.param("app", None, id="wsgi-sync"),
+    pytest.param("asgi_app", "uvicorn_worker.UvicornWorker", id="asgi-uvicorn-worker"),
 ]
 
 
-@pytest.mark.parametrize(("module", "worker_class"), SERVERS)
+@pytest.mark.parametrize(("attr", "worker_class"), SERVERS)
 def test_preloaded_gunicorn_hangs_without_tokguard(
-    module: str, worker_class: str | None, cross_encoder: str, tmp_path: Path
+    attr: str, worker_class: str | None, cross_encoder: str, tmp_path: Path
 ) -> None:
     """Without tokguard, every model request to a preloaded gunicorn times out (hang-table row 8)."""
     log = tmp_path / "gunicorn.log"
     timeout = CONTROL_WORKER_TIMEOUT
-    server = gunicorn(f"{module}:app", cross_encoder, log, worker_class, timeout)
+    server = gunicorn(f"master_app:{attr}", cross_encoder, log, worker_class, timeout)
     with server as (base, pid), ThreadPoolExecutor(3) as pool:
         requests = [pool.submit(get_json, f"{base}/query{i}", timeout + 2) for i in range(3)]
         hung = _hung_workers(pid, until=lambda: all(r.done() for r in requests))
@@ -171,13 +172,13 @@ def _hung_workers(master: int, until: Callable[[], bool]) -> set[int]:
     return hung
 
 
-@pytest.mark.parametrize(("module", "worker_class"), SERVERS)
+@pytest.mark.parametrize(("attr", "worker_class"), SERVERS)
 def test_preloaded_gunicorn_answers_with_tokguard(
-    module: str, worker_class: str | None, cross_encoder: str, tmp_path: Path
+    attr: str, worker_class: str | None, cross_encoder: str, tmp_path: Path
 ) -> None:
     """With `import tokguard` first, 200 requests from 8 threads are answered; one warning."""
     log = tmp_path / "gunicorn.log"
-    server = gunicorn(f"{module}_guarded:app", cross_encoder, log, worker_class)
+    server = gunicorn(f"master_app_guarded:{attr}", cross_encoder, log, worker_class)
     with server as (base, _), ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda i: get_json(f"{base}/q{i}", timeout=30), range(200)))
     text = log.read_text()

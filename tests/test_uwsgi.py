@@ -210,12 +210,12 @@ def test_real_uwsgi_master_warns_once(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("app", "options", "run", "answers"),
     [
-        pytest.param("server_wsgi_guarded.py", (), False, False, id="import-tokguard-no-option"),
-        pytest.param("server_wsgi_guarded.py", ("--py-call-uwsgi-fork-hooks",), False, True,
+        pytest.param("master_app_guarded.py", (), False, False, id="import-tokguard-no-option"),
+        pytest.param("master_app_guarded.py", ("--py-call-uwsgi-fork-hooks",), False, True,
                      id="import-tokguard-fork-hooks"),
-        pytest.param("server_wsgi.py", ("--lazy-apps",), False, True, id="unguarded-lazy-apps"),
-        pytest.param("server_wsgi.py", (), True, False, id="tokguard-run-no-option"),
-        pytest.param("server_wsgi.py", ("--py-call-uwsgi-fork-hooks",), True, True,
+        pytest.param("master_app.py", ("--lazy-apps",), False, True, id="unguarded-lazy-apps"),
+        pytest.param("master_app.py", (), True, False, id="tokguard-run-no-option"),
+        pytest.param("master_app.py", ("--py-call-uwsgi-fork-hooks",), True, True,
                      id="tokguard-run-fork-hooks"),
     ],
 )  # fmt: skip
