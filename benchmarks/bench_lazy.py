@@ -27,8 +27,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 import timeit
 from collections.abc import Callable
 from pathlib import Path
@@ -194,33 +192,6 @@ def thread_speedup(model: str, batch: int) -> tuple[float, float]:
     return one, two
 
 
-def _load(server: Any, clients: int, seconds: float) -> float:
-    done = 0
-    failed = 0
-    lock = threading.Lock()
-    end = time.monotonic() + seconds
-
-    def client() -> None:
-        nonlocal done, failed
-        while time.monotonic() < end:
-            ok = server.get("/", timeout=30.0) is not None
-            with lock:
-                if ok:
-                    done += 1
-                else:
-                    failed += 1
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    start = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(seconds + 60)
-    if failed:
-        print(f"  ({failed} requests failed)")
-    return done / (time.monotonic() - start)
-
-
 def bench_servers(
     seconds: float, hidden: int, layers: int, batch: int, runs: list[tuple[str, int]]
 ) -> None:
@@ -249,8 +220,8 @@ def bench_servers(
                 for _ in range(6):  # every worker loaded and warm
                     server.get("/", timeout=60.0)
                 in_workers = server.threads_by_worker(2)
-                one = _load(server, 1, seconds)
-                two = _load(server, 2, seconds)
+                one = server.throughput("/", 1, seconds, timeout=30.0)
+                two = server.throughput("/", 2, seconds, timeout=30.0)
                 workers = server.workers()
                 pss_workers = [lazy_server.pss_kib(pid) for pid in workers]
                 pss_master = lazy_server.pss_kib(server.proc.pid)

@@ -2,7 +2,7 @@
 
 Each hung child kind (rows of the docs' hang table, and a pure-Python lock whose owner did
 not survive the fork) runs in a fresh interpreter that never imports tokguard (the watchdog is
-loaded by file path). The same parent forks its children twice, once with recognition and
+loaded through ``_lab/standalone.py``). The same parent forks its children twice, once with recognition and
 once with it switched off (``settle`` = infinity: the old behaviour, waiting out the
 deadline), and prints seconds until every child was dealt with, plus what one look at a
 hung child (``blocked_state``) costs. A busy and a sleeping child show that recognition
@@ -25,15 +25,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TOKGUARD = ROOT / "src" / "tokguard"
 
+# The lab through its standalone loader: importing tokguard._lab would install the guard.
 SETUP = """
-import json, os, signal, sys, threading, time, timeit, importlib.util
-def _standalone(name):
-    spec = importlib.util.spec_from_file_location("_tg_" + name, {dir!r} + "/" + name + ".py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-wd, lab = _standalone("_watchdog"), _standalone("_lab")
+import json, os, runpy, signal, sys, threading, time, timeit
+lab = runpy.run_path({standalone!r})["load"]()
+wd = lab.watchdog
 """
 
 KINDS = {
@@ -98,7 +94,7 @@ print("BENCH " + json.dumps(out))
 
 def run(kind: str, forks: int, timeout: float) -> dict[str, list[float] | float | bool]:
     code = (
-        SETUP.format(dir=str(TOKGUARD))
+        SETUP.format(standalone=str(TOKGUARD / "_lab" / "standalone.py"))
         + textwrap.dedent(KINDS[kind])
         + MEASURE.format(forks=forks, timeout=timeout)
     )

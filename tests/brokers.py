@@ -20,6 +20,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from net import free_port
+
 REDIS_SERVER = os.environ.get("TOKGUARD_REDIS_SERVER", "/usr/bin/redis-server")
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
@@ -33,12 +35,6 @@ def redis_missing() -> str | None:
     if found:
         return None
     return f"redis-server not found at {REDIS_SERVER} nor on PATH (Debian package redis-server)"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _answers(port: int) -> bool:
@@ -70,7 +66,7 @@ def redis_server() -> Iterator[str]:
     binary = REDIS_SERVER if os.path.isfile(REDIS_SERVER) else str(shutil.which("redis-server"))
     with tempfile.TemporaryDirectory(prefix="tokguard-redis-") as workdir:
         for _attempt in range(3):  # the port may be taken between choosing and binding it
-            port = _free_port()
+            port = free_port()
             proc = subprocess.Popen(
                 [
                     binary,

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import runpy
 import signal
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import NamedTuple
 
 import pytest
@@ -30,21 +30,12 @@ assert _spec is not None
 assert _spec.submodule_search_locations is not None
 TOKGUARD_DIR = str(Path(next(iter(_spec.submodule_search_locations))).resolve())
 
-
-def _load_watchdog() -> ModuleType:
-    """tokguard's watchdog, by file path: standalone, so the guard stays out of this process."""
-    spec = importlib.util.spec_from_file_location(
-        "_tg_conftest_watchdog", os.path.join(TOKGUARD_DIR, "_watchdog.py")
-    )
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # typing.NamedTuple looks its module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-watchdog = _load_watchdog()
+# tokguard's lab (models, watchdog, scenarios) without the guard: the one way to load it,
+# in this process and, through LAB / PRELUDE, in every unguarded interpreter a test starts.
+STANDALONE = os.path.join(TOKGUARD_DIR, "_lab", "standalone.py")
+LAB = f"import runpy\nlab = runpy.run_path({STANDALONE!r})['load']()\n"
+lab = runpy.run_path(STANDALONE)["load"]()
+watchdog = lab.watchdog
 _POLL = 0.25  # s between two looks at a run_py interpreter that has not finished
 
 # Variables a test's parent shell may hold that would change what the child does.
@@ -63,23 +54,17 @@ class Result(NamedTuple):
         return f"rc={self.returncode}\n--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}"
 
 
-# Loads tokguard's standalone helpers: from the package when guarded, by file path when not,
-# so that an unguarded scenario never executes tokguard/__init__.py.
+# tokguard's lab, as `_lab` and `_watchdog`: from the package when guarded, through
+# `standalone` when not, so that an unguarded scenario never executes tokguard/__init__.py.
 PRELUDE = """\
-import importlib.util as _ilu, os, sys
+import os, runpy, sys
 GUARD = {guard!r}
-TOKGUARD_DIR = {tokguard_dir!r}
-def _standalone(name):
-    spec = _ilu.spec_from_file_location("_tg_" + name, os.path.join(TOKGUARD_DIR, name + ".py"))
-    module = _ilu.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 if GUARD:
     import tokguard
-    from tokguard import _lab, _watchdog
+    from tokguard import _lab
 else:
-    _lab, _watchdog = _standalone("_lab"), _standalone("_watchdog")
+    _lab = runpy.run_path({standalone!r})["load"]()
+_watchdog = _lab.watchdog
 def watch(child, forks=10, timeout=10.0):
     result = _watchdog.fork_and_watch(child, forks, timeout)
     print("RESULT", result.forks, result.ok, result.failed, result.hung, result.refused, flush=True)
@@ -87,6 +72,11 @@ def watch(child, forks=10, timeout=10.0):
         print("ERROR", error, flush=True)
     return result
 """
+
+
+def prelude(guard: bool) -> str:
+    """``PRELUDE`` for a guarded or unguarded interpreter."""
+    return PRELUDE.format(guard=guard, standalone=STANDALONE)
 
 
 def run_py(
@@ -110,7 +100,7 @@ def run_py(
     """
     source = textwrap.dedent(code)
     if guard is not None:
-        source = PRELUDE.format(guard=guard, tokguard_dir=TOKGUARD_DIR) + source
+        source = prelude(guard) + source
     full_env = {
         k: v
         for k, v in os.environ.items()
@@ -233,4 +223,4 @@ def line_of(source: str, marker: str) -> int:
 
 def prelude_lines(guard: bool) -> int:
     """How many lines ``PRELUDE`` adds in front of a snippet."""
-    return len(PRELUDE.format(guard=guard, tokguard_dir=TOKGUARD_DIR).splitlines())
+    return len(prelude(guard).splitlines())

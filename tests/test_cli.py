@@ -18,10 +18,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import LAB
+
 ROOT = Path(__file__).resolve().parent.parent
 
 EXIT_OK, EXIT_UNSAFE, EXIT_IMPORT_FAILED, EXIT_NOT_FOUND, EXIT_TIMEOUT = 0, 1, 2, 3, 4
 EXIT_USAGE, EXIT_INTERNAL = 64, 70
+EXIT_CANNOT_EXECUTE, EXIT_COMMAND_NOT_FOUND = 126, 127
 
 
 def run(
@@ -131,11 +134,41 @@ def test_exit_statuses_are_distinct_and_documented() -> None:
             EXIT_TIMEOUT,
             EXIT_USAGE,
             EXIT_INTERNAL,
+            EXIT_CANNOT_EXECUTE,
+            EXIT_COMMAND_NOT_FOUND,
         ]
     )
     page = (ROOT / "docs" / "cli.md").read_text()
     for code in codes:
         assert re.search(rf"^\|\s*`?{code}`?\s*\|", page, re.MULTILINE), code
+
+
+def test_commands_return_outcomes_and_never_import_the_cli() -> None:
+    """No import cycle: each command imports without ``cli``; every outcome has a status.
+
+    The commands return outcomes and only ``cli`` knows exit statuses, so a command module
+    that imported ``cli`` (which imports the commands) would be a cycle.
+    """
+    code = textwrap.dedent(
+        """
+        import json, sys
+        from tokguard import _check, _doctor, _run
+        from tokguard._lab import demo
+        loaded = "tokguard.cli" in sys.modules
+        from tokguard import cli
+        print(json.dumps({"cli_loaded": loaded, "outcomes": sorted(cli.EXIT_FOR)}))
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    found = json.loads(proc.stdout)
+    assert found["cli_loaded"] is False
+    source = (ROOT / "src" / "tokguard" / "_outcome.py").read_text()
+    outcomes = re.search(r"Outcome = Literal\[(.*?)\]", source, re.DOTALL)
+    assert outcomes is not None
+    assert sorted(re.findall(r'"([a-z-]+)"', outcomes.group(1))) == found["outcomes"]
 
 
 # --- check --------------------------------------------------------------------------------
@@ -149,21 +182,19 @@ def test_check_safe_app(tmp_path: Path) -> None:
     assert proc.stdout.startswith("SAFE: safeapp:app")
 
 
-TOKENIZER_APP = """
-    import importlib.util
-    # tokguard's _lab, by path: importing tokguard._lab would run tokguard/__init__.
-    spec = importlib.util.spec_from_file_location("lab", {lab!r})
-    lab = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(lab)
-    tok = lab.train_tokenizer()
-    tok.encode_batch(lab.corpus(64))
-    app = tok
+# tokguard's lab without tokguard: `import tokguard._lab` would run tokguard/__init__.
+TOKENIZER_APP = (
+    LAB
+    + """\
+tok = lab.train_tokenizer()
+tok.encode_batch(lab.corpus(64))
+app = tok
 """
+)
 
 
 def _tokenizer_app(tmp_path: Path) -> None:
-    lab = str(ROOT / "src" / "tokguard" / "_lab.py")
-    write(tmp_path, "tokapp.py", TOKENIZER_APP.format(lab=lab))
+    write(tmp_path, "tokapp.py", TOKENIZER_APP)
 
 
 def test_check_flags_rayon_pool_when_parallelism_is_true(tmp_path: Path) -> None:
@@ -196,17 +227,13 @@ def test_check_verdict_matches_a_real_fork(tmp_path: Path) -> None:
     """The app check calls unsafe really hangs a forked child without tokguard (row 2)."""
     pytest.importorskip("tokenizers")
     _tokenizer_app(tmp_path)
-    watchdog = str(ROOT / "src" / "tokguard" / "_watchdog.py")
     script = textwrap.dedent(
-        f"""
-        import importlib.util, json, sys
+        """
+        import json, sys
         import tokapp
-        spec = importlib.util.spec_from_file_location("wd", {watchdog!r})
-        wd = importlib.util.module_from_spec(spec); sys.modules["wd"] = wd
-        spec.loader.exec_module(wd)
         texts = ["a text", "another text", "a third one"]
-        r = wd.fork_and_watch(lambda: tokapp.app.encode_batch(texts), 2, 4.0)
-        print(json.dumps({{"hung": r.hung, "tokguard": "tokguard" in sys.modules}}))
+        r = tokapp.lab.watchdog.fork_and_watch(lambda: tokapp.app.encode_batch(texts), 2, 4.0)
+        print(json.dumps({"hung": r.hung, "tokguard": "tokguard" in sys.modules}))
         """
     )
     env = dict(os.environ, TOKENIZERS_PARALLELISM="true")

@@ -1,9 +1,10 @@
 """The hang-table rows (docs/index.md), with and without the guard: each hang is shown, then shown gone.
 
-Every scenario runs in a fresh interpreter (``run_py``). Children are forked by
-``_watchdog.fork_and_watch``: a child still alive at the deadline is killed and counted as
-hung, so no test waits forever. The unguarded runs load the helpers by file path, so
-``tokguard/__init__.py`` never executes there.
+Every scenario runs in a fresh interpreter (``run_py``). The rows of the hang table are the
+lab's scenarios, the ones ``tokguard demo`` runs. Children are forked by
+``watchdog.fork_and_watch``: a child recognised as hung, or still alive at the deadline, is
+killed and counted as hung, so no test waits forever. The unguarded runs load the lab
+through ``standalone.py``, so ``tokguard/__init__.py`` never executes there.
 """
 
 from __future__ import annotations
@@ -11,40 +12,15 @@ from __future__ import annotations
 import json
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from conftest import PRELUDE, TOKGUARD_DIR, line_of, run_py, values, watch_result
+from conftest import STANDALONE, Result, line_of, prelude, run_py, values, watch_result
 
 FORKS = 10
 TOKENIZER_DEADLINE = 6.0  # s for all forks of a tokenizers row; a healthy child needs ~0.05 s
 TORCH_DEADLINE = 12.0  # s for all forks of a torch row; generous on 2 busy cores
-
-# --- the scenarios: parent state, then watch(child) ------------------------------------------
-
-ROW2 = f"""
-tok = _lab.train_tokenizer()
-texts = _lab.corpus(64)
-tok.encode_batch(texts)
-watch(lambda: tok.encode_batch(texts[:8]), {FORKS}, {TOKENIZER_DEADLINE})
-"""
-
-ROW3 = f"""
-import threading
-tok = _lab.train_tokenizer()
-texts = _lab.corpus(512)
-started, stop = threading.Event(), threading.Event()
-def loop():
-    while not stop.is_set():
-        tok.encode_batch(texts)
-        started.set()
-thread = threading.Thread(target=loop, daemon=True)
-thread.start()
-started.wait(30)
-watch(lambda: tok.encode_batch(texts[:8]), {FORKS}, {TOKENIZER_DEADLINE})
-stop.set()
-thread.join(30)
-"""
 
 TORCH_OP = """
     import torch
@@ -55,91 +31,101 @@ TORCH_OP = """
         torch.ones(2_000_000).mul_(2).sum()
 """
 
-ROW4 = (
-    TORCH_OP
-    + f"""
-    for _ in range(3):
-        torch_op()
-    watch(torch_op, {FORKS}, {TORCH_DEADLINE})
-"""
-)
+# --- the hang-table rows: the lab's scenarios, the ones `tokguard demo` runs ---------------
 
-ROW7 = f"""
-model = _lab.load_cross_encoder(MODEL)
-pairs = [("the parent forks", "the child hangs"), ("a tiny bert", "predicts quickly")]
-model.predict(pairs, show_progress_bar=False)
-watch(lambda: model.predict(pairs, show_progress_bar=False), {FORKS}, {TORCH_DEADLINE})
-"""
-
-ROW9 = f"""
-import asyncio
-tok = _lab.train_tokenizer()
-def encode_async():
-    async def go():
-        return await tok.async_encode("the parent forks and the child waits")
-    assert asyncio.run(go()).ids
-encode_async()
-watch(encode_async, {FORKS}, {TOKENIZER_DEADLINE})
-"""
-
-# row -> (snippet, environment, needs torch)
+# row -> what it needs beyond tokenizers
 ROWS = {
-    "row2": (ROW2, {"TOKENIZERS_PARALLELISM": "true"}, False),
-    "row3": (ROW3, {"TOKENIZERS_PARALLELISM": "true"}, False),
-    "row4": (ROW4, {}, True),
-    "row7": (ROW7, {}, True),
-    "row9": (ROW9, {"TOKENIZERS_PARALLELISM": "false"}, False),
+    "row2": (),
+    "row3": (),
+    "row4": ("torch",),
+    "row7": ("torch", "sentence_transformers"),
+    "row9": (),
+    "mp_pool": ("torch",),  # tasks of a multiprocessing fork Pool(2), not forks
+    "dataloader": ("torch",),  # batches of a DataLoader(num_workers=2)
 }
 
 
-def _run_row(row: str, guard: bool, request: pytest.FixtureRequest, mode: str | None = None):
-    code, env, needs_torch = ROWS[row]
-    code = textwrap.dedent(code)  # lines are prepended below
-    if needs_torch:
-        pytest.importorskip("torch")
-    if row == "row7":
-        path = request.getfixturevalue("cross_encoder_path")
-        code = f"MODEL = {path!r}\n" + code
+def run_scenario(row: str, guard: bool, mode: str | None = None) -> tuple[dict[str, Any], Result]:
+    """Run the lab's scenario ``row`` in a fresh interpreter; its JSON report and the run.
+
+    Through ``standalone.py``, as the demo does: unguarded, tokguard is never imported;
+    ``--guard`` imports it after the scenario's environment is set.
+    """
+    for module in ROWS[row]:
+        pytest.importorskip(module)
+    deadline = TORCH_DEADLINE if ROWS[row] else TOKENIZER_DEADLINE
+    argv = [row, "--forks", str(FORKS), "--timeout", f"{deadline:g}", "--json"]
+    if guard:
+        argv.append("--guard")
     if mode is not None:
-        code = f"tokguard.configure(mode={mode!r})\n" + code
-    return run_py(code, guard=guard, env=env, timeout=240)
+        argv += ["--mode", mode]
+    code = f"""
+    import runpy, sys
+    sys.argv[1:] = {argv!r}
+    runpy.run_path({STANDALONE!r}, run_name="__main__")
+    """
+    result = run_py(code, timeout=240)
+    assert result.returncode == 0, str(result)
+    reports = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    assert reports, str(result)
+    report = json.loads(reports[-1])
+    assert report["tokguard_imported"] is guard, str(result)
+    return report, result
+
+
+def counts(report: dict[str, Any]) -> tuple[int, int, int, int, int]:
+    """(forks, ok, failed, hung, refused), like ``watch_result``."""
+    return tuple(report[k] for k in ("forks", "ok", "failed", "hung", "refused"))  # type: ignore[return-value]
 
 
 @pytest.mark.parametrize("row", sorted(ROWS))
-def test_row_hangs_without_tokguard(row: str, request: pytest.FixtureRequest) -> None:
+def test_row_hangs_without_tokguard(row: str) -> None:
     """Without tokguard every forked child of a hazard row of the hang table hangs."""
-    result = _run_row(row, guard=False, request=request)
-    assert result.returncode == 0, str(result)
-    forks, _ok, _failed, hung, _refused = watch_result(result)
-    assert (forks, hung) == (FORKS, FORKS), str(result)
+    report, result = run_scenario(row, guard=False)
+    assert (report["forks"], report["hung"]) == (FORKS, FORKS), str(result)
 
 
 @pytest.mark.parametrize("row", ["row2", "row4", "row9"])
-def test_row_hangs_in_mode_off(row: str, request: pytest.FixtureRequest) -> None:
+def test_row_hangs_in_mode_off(row: str) -> None:
     """Mode off really turns the guard off: the children hang as if it were not there."""
-    result = _run_row(row, guard=True, request=request, mode="off")
-    assert result.returncode == 0, str(result)
-    _, _, _, hung, _ = watch_result(result)
-    assert hung == FORKS, str(result)
+    report, result = run_scenario(row, guard=True, mode="off")
+    assert report["hung"] == FORKS, str(result)
     assert "UnsafeForkWarning" not in result.stderr
 
 
 @pytest.mark.parametrize("row", ["row2", "row3", "row4", "row7"])
-def test_row_completes_with_tokguard(row: str, request: pytest.FixtureRequest) -> None:
+def test_row_completes_with_tokguard(row: str) -> None:
     """With tokguard every forked child of a repairable hazard row completes."""
-    result = _run_row(row, guard=True, request=request)
-    assert result.returncode == 0, str(result)
-    assert watch_result(result) == (FORKS, FORKS, 0, 0, 0), str(result)
+    report, result = run_scenario(row, guard=True)
+    assert counts(report) == (FORKS, FORKS, 0, 0, 0), str(result)
     assert result.stderr.count("UnsafeForkWarning") == 1, str(result)
 
 
-def test_row9_child_gets_error_instead_of_hang(request: pytest.FixtureRequest) -> None:
+def test_row9_child_gets_error_instead_of_hang() -> None:
     """After async_* in the parent, a child's async_* call raises UnsafeForkError at once."""
-    result = _run_row("row9", guard=True, request=request)
-    assert result.returncode == 0, str(result)
-    assert watch_result(result) == (FORKS, 0, FORKS, 0, 0), str(result)
-    assert "ERROR UnsafeForkError: tokenizers.Tokenizer.async_encode()" in result.stdout
+    report, result = run_scenario("row9", guard=True)
+    assert counts(report) == (FORKS, 0, FORKS, 0, 0), str(result)
+    assert report["child_errors"][0].startswith(
+        "UnsafeForkError: tokenizers.Tokenizer.async_encode()"
+    ), str(result)
     assert "tokenizers async runtime (tokio)" in result.stderr
+
+
+def test_scenario_run_with_dash_m_stays_unguarded() -> None:
+    """``python -m tokguard._lab.scenarios ROW`` (no --guard) re-executes without tokguard.
+
+    ``-m`` runs ``tokguard/__init__.py`` before the runner: the baseline must still hang,
+    with tokguard absent, or a demo's "without tokguard" column would be a lie.
+    """
+    code = """
+    import runpy, sys
+    sys.argv[1:] = ["row2", "--forks", "2", "--timeout", "6", "--json"]
+    runpy.run_module("tokguard._lab.scenarios", run_name="__main__", alter_sys=True)
+    """
+    result = run_py(code, timeout=240)
+    assert result.returncode == 0, str(result)
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert (report["hung"], report["tokguard_imported"]) == (2, False), str(result)
 
 
 # --- no report where nothing is unsafe --------------------------------------------------------
@@ -392,8 +378,7 @@ def test_late_import_tokenizers_used_before_tokguard() -> None:
 
 def _late(snippet: str, guard: bool) -> str:
     """A snippet whose helpers are loaded standalone, so tokguard is imported only where it says."""
-    prelude = PRELUDE.format(guard=False, tokguard_dir=TOKGUARD_DIR)
-    return prelude + f"GUARD = {guard!r}\n" + textwrap.dedent(snippet)
+    return prelude(False) + f"GUARD = {guard!r}\n" + textwrap.dedent(snippet)
 
 
 def test_late_import_torch_used_before_tokguard() -> None:
@@ -447,91 +432,15 @@ def test_fork_inside_a_thread() -> None:
         assert values(result)["PARENT_ENV"] == "true"
 
 
-POOL_AND_LOADER = """
-import multiprocessing, time
-import torch
-torch.set_num_threads(2)
-TOK = _lab.train_tokenizer()
-TOK.encode_batch(_lab.corpus(64))
-a = torch.ones(256, 256)
-(a @ a).sum()
+@pytest.mark.parametrize("row", ["mp_pool", "dataloader"])
+def test_pool_and_dataloader_after_tokenizer_and_torch(row: str) -> None:
+    """multiprocessing fork Pool and DataLoader(num_workers=2): complete with tokguard.
 
-def task(i):
-    TOK.encode_batch([f"text {i}", "another text", "a third one"])
-    b = torch.ones(256, 256)
-    return float((b @ b)[0, 0])
-
-def run_pool():
-    # Short waits, retried: between two, the watchdog looks at the workers (DEADLINE bounds all).
-    pool = multiprocessing.get_context("fork").Pool(2)
-    workers = _watchdog.PoolMonitor(lambda: [w.pid for w in pool._pool])
-    deadline = time.monotonic() + DEADLINE
-    try:
-        answer = pool.map_async(task, range(8))
-        while not answer.ready() and not workers.hung() and time.monotonic() < deadline:
-            answer.wait(0.1)
-        print("POOL=%s" % (answer.get() if answer.ready() else "hung"))
-    finally:
-        pool.terminate()
-        pool.join()
-
-def run_loader():
-    from torch.utils.data import DataLoader, Dataset
-    class Texts(Dataset):
-        def __len__(self):
-            return 8
-        def __getitem__(self, i):
-            return task(i)
-    loader = DataLoader(Texts(), batch_size=2, num_workers=2, timeout=0.2,
-                        multiprocessing_context="fork")
-    iterator = iter(loader)
-    workers = _watchdog.PoolMonitor(lambda: [w.pid for w in iterator._workers])
-    deadline = time.monotonic() + DEADLINE
-    batches = 0
-    while batches < len(loader):
-        try:
-            next(iterator)
-            batches += 1
-        except RuntimeError as exc:  # "DataLoader timed out after 0.2 seconds": look, retry
-            if "timed out" not in str(exc):
-                print("LOADER=error %s" % exc)
-                return
-            if workers.hung() or time.monotonic() >= deadline:
-                for worker in iterator._workers:  # its own shutdown would wait 5 s for each
-                    worker.kill()
-                print("LOADER=hung")
-                return
-    print("LOADER=%d" % batches)
-
-if __name__ == "__main__":
-    WHICH()
-"""
-
-
-@pytest.mark.parametrize("which", ["run_pool", "run_loader"])
-def test_pool_and_dataloader_after_tokenizer_and_torch(which: str, tmp_path: Path) -> None:
-    """multiprocessing fork Pool and DataLoader(num_workers=2): hang without, complete with."""
-    pytest.importorskip("torch")
-    key = "POOL" if which == "run_pool" else "LOADER"
-    code = POOL_AND_LOADER.replace("WHICH", which).replace("DEADLINE", "10")
-    for guard in (False, True):
-        script = tmp_path / f"app_{guard}.py"
-        result = run_py(
-            code,
-            guard=guard,
-            path=script,
-            env={"TOKENIZERS_PARALLELISM": "true"},
-            timeout=180,
-        )
-        assert result.returncode == 0, str(result)
-        got = values(result)[key]
-        if guard:
-            assert got == (
-                "[256.0, 256.0, 256.0, 256.0, 256.0, 256.0, 256.0, 256.0]" if key == "POOL" else "4"
-            ), str(result)
-            assert "UnsafeForkWarning" in result.stderr
-        else:
-            assert got == "hung", str(result)
+    The same scenarios hang without it: ``test_row_hangs_without_tokguard``.
+    """
+    report, result = run_scenario(row, guard=True)
+    assert counts(report) == (FORKS, FORKS, 0, 0, 0), str(result)
+    assert "UnsafeForkWarning" in result.stderr
 
 
 # --- repairs, parent, subscribers, reload -----------------------------------------------------

@@ -928,7 +928,7 @@ def test_check_says_whether_the_import_ran_as_a_master(switch: str | None, tmp_p
     """tokguard check: a plain import is no master (unsafe here, and the output says what a
     master would do); with TOKGUARD_MASTER=on the same import keeps the pool cold: safe."""
     pytest.importorskip("tokenizers")
-    lab = str(Path(__file__).parents[1] / "src" / "tokguard" / "_lab.py")
+    lab = str(Path(__file__).parents[1] / "src" / "tokguard" / "_lab" / "models.py")
     (tmp_path / "tokapp.py").write_text(TOKENIZER_APP.format(lab=lab))
     proc = _cli(
         "check", "tokapp:app", cwd=tmp_path, TOKENIZERS_PARALLELISM="true", TOKGUARD_MASTER=switch

@@ -22,7 +22,7 @@ pytest_plugins = ["pytester"]
 _spec = importlib.util.find_spec("tokguard")
 assert _spec is not None
 assert _spec.submodule_search_locations is not None
-LAB = os.path.join(next(iter(_spec.submodule_search_locations)), "_lab.py")
+LAB = os.path.join(next(iter(_spec.submodule_search_locations)), "_lab", "models.py")
 RUN_TIMEOUT = 180  # backstop for one inner session; the inner watchdogs fire long before
 WATCHDOG = 10  # seconds a forked child may take before the inner test calls it hung
 CHOICES = "'fail', 'warn', 'raise', 'off'"

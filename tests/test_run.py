@@ -8,25 +8,22 @@ Commands run in their own session and the whole group is killed at the end.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import TOKGUARD_DIR
+from conftest import LAB, TOKGUARD_DIR
+from net import free_port, get_json
 
 BIN = Path(sys.executable).parent
 TOKGUARD = [sys.executable, "-m", "tokguard"]
 BOOTSTRAP = os.path.join(TOKGUARD_DIR, "_bootstrap")
-LAB = os.path.join(TOKGUARD_DIR, "_lab.py")
 APPS = Path(__file__).parent / "apps"
 
 
@@ -353,13 +350,10 @@ def test_opentelemetry_instrument_in_either_order(order: str) -> None:
 
 MAIN = """\
 # Never imports tokguard. Warms tokenizers' pool, then forks a multiprocessing Pool.
-import importlib.util, multiprocessing, os, sys
+import multiprocessing, os, sys
 
 os.environ["TOKENIZERS_PARALLELISM"] = "true"
-spec = importlib.util.spec_from_file_location("lab", {lab!r})
-lab = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(lab)
-TEXTS = lab.corpus(200)
+{lab}TEXTS = lab.corpus(200)
 TOK = lab.train_tokenizer()
 TOK.encode_batch(TEXTS)  # the warm-up: the rayon pool runs in this process now
 
@@ -395,24 +389,10 @@ def test_main_py_fork_pool(tmp_path: Path, guarded: bool) -> None:
         assert result.stdout.strip() == "HUNG", result
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _get(url: str, timeout: float) -> dict[str, object] | None:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return dict(json.loads(response.read()))
-    except (OSError, ValueError):
-        return None
-
-
 @contextlib.contextmanager
 def server(argv: list[str], log: Path, env: dict[str, str], ready: str) -> Iterator[str]:
     """Start a server on a free port (``{port}`` in argv); yield its URL once ``ready`` answers."""
-    port = _free_port()
+    port = free_port()
     argv = [a.replace("{port}", str(port)) for a in argv]
     with open(log, "wb") as out:
         proc = subprocess.Popen(
@@ -421,7 +401,7 @@ def server(argv: list[str], log: Path, env: dict[str, str], ready: str) -> Itera
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
-        while _get(url + ready, 2) is None:
+        while get_json(url + ready, 2) is None:
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"server did not answer:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
@@ -455,7 +435,7 @@ def test_uvicorn_spawned_workers_are_guarded(tmp_path: Path) -> None:
     argv = [*TOKGUARD, "run", "--", sys.executable, "-m", "uvicorn", "--workers", "2",
             "--port", "{port}", "--app-dir", str(tmp_path), "spawned_app:app"]  # fmt: skip
     with server(argv, tmp_path / "uvicorn.log", _env(), "/") as url:
-        answers = [_get(url + f"/{i}", 10) for i in range(8)]
+        answers = [get_json(url + f"/{i}", 10) for i in range(8)]
     assert all(a is not None and a["tokguard"] is True for a in answers), answers
 
 
@@ -469,20 +449,20 @@ def test_uvicorn_spawned_workers_are_guarded(tmp_path: Path) -> None:
 def test_gunicorn_preload_cross_encoder(
     cross_encoder_path: str, tmp_path: Path, guarded: bool, master: str | None
 ) -> None:
-    """server_wsgi (never imports tokguard) under gunicorn --preload: hangs plain, answers under run.
+    """master_app (never imports tokguard) under gunicorn --preload: hangs plain, answers under run.
 
     Under ``tokguard run`` the arbiter is a recognised master: its pools stay cold and nothing is
     reported. With master mode off, the workers are repaired and the fork is reported once.
     """
     pytest.importorskip("gunicorn")
     argv = [sys.executable, "-m", "gunicorn", "--preload", "-w", "2", "-b", "127.0.0.1:{port}",
-            "--timeout", "5", "--graceful-timeout", "2", "server_wsgi:app"]  # fmt: skip
+            "--timeout", "5", "--graceful-timeout", "2", "master_app:app"]  # fmt: skip
     if guarded:
         argv = [*TOKGUARD, "run", "--", *argv]
     log = tmp_path / "gunicorn.log"
     env = _env(TOKGUARD_TEST_MODEL=cross_encoder_path, TOKGUARD_MASTER=master)
     with server(argv, log, env, "/health") as url:
-        answers = [_get(url + f"/q{i}", 8) for i in range(4)]
+        answers = [get_json(url + f"/q{i}", 8) for i in range(4)]
     text = log.read_text()
     if guarded:
         assert all(a is not None and "score" in a for a in answers), text[-3000:]
@@ -495,11 +475,7 @@ def test_gunicorn_preload_cross_encoder(
 
 
 FORKED_CONFTEST = """
-import importlib.util, os, sys
-spec = importlib.util.spec_from_file_location("tg_lab", {lab!r})
-lab = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(lab)
-TEXTS = lab.corpus(200)
+{lab}TEXTS = lab.corpus(200)
 TOK = lab.train_tokenizer()
 TOK.encode_batch(TEXTS)
 """

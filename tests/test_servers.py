@@ -12,12 +12,9 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,6 +23,7 @@ from typing import NamedTuple
 import pytest
 
 from conftest import watchdog
+from net import free_port, get_json
 
 pytestmark = [pytest.mark.slow, pytest.mark.torch]
 
@@ -54,22 +52,6 @@ def _env(model: str | None) -> dict[str, str]:
     if model is not None:
         env["TOKGUARD_TEST_MODEL"] = model
     return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _get(url: str, timeout: float) -> bool:
-    """True when the server answered 200 within ``timeout``."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            json.loads(response.read())
-            return bool(response.status == 200)
-    except (OSError, urllib.error.URLError, ValueError):
-        return False
 
 
 def _gunicorn_extra_args() -> list[str]:
@@ -101,7 +83,7 @@ def gunicorn(
     pytest.importorskip("gunicorn")
     if worker_class:
         pytest.importorskip(worker_class.rsplit(".", 1)[0])
-    port = _free_port()
+    port = free_port()
     argv = [
         sys.executable, "-m", "gunicorn", "--preload", "-w", "2",
         "-b", f"127.0.0.1:{port}", "--timeout", str(worker_timeout),
@@ -123,7 +105,7 @@ def gunicorn(
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + BOOT_DEADLINE
-        while not _get(base + "/health", timeout=2):
+        while get_json(base + "/health", timeout=2) is None:
             if master.poll() is not None:
                 pytest.fail(f"gunicorn exited with {master.returncode}:\n{log.read_text()[-3000:]}")
             if time.monotonic() > deadline:
@@ -144,24 +126,25 @@ def gunicorn(
             master.wait(timeout=15)
 
 
+# (the app's attribute in master_app and master_app_guarded, gunicorn's worker class)
 SERVERS = [
-    pytest.param("server_wsgi", None, id="wsgi-sync"),
-    pytest.param("server_asgi", "uvicorn_worker.UvicornWorker", id="asgi-uvicorn-worker"),
+    pytest.param("app", None, id="wsgi-sync"),
+    pytest.param("asgi_app", "uvicorn_worker.UvicornWorker", id="asgi-uvicorn-worker"),
 ]
 
 
-@pytest.mark.parametrize(("module", "worker_class"), SERVERS)
+@pytest.mark.parametrize(("attr", "worker_class"), SERVERS)
 def test_preloaded_gunicorn_hangs_without_tokguard(
-    module: str, worker_class: str | None, cross_encoder: str, tmp_path: Path
+    attr: str, worker_class: str | None, cross_encoder: str, tmp_path: Path
 ) -> None:
     """Without tokguard, every model request to a preloaded gunicorn times out (hang-table row 8)."""
     log = tmp_path / "gunicorn.log"
     timeout = CONTROL_WORKER_TIMEOUT
-    server = gunicorn(f"{module}:app", cross_encoder, log, worker_class, timeout)
+    server = gunicorn(f"master_app:{attr}", cross_encoder, log, worker_class, timeout)
     with server as (base, pid), ThreadPoolExecutor(3) as pool:
-        requests = [pool.submit(_get, f"{base}/query{i}", timeout + 2) for i in range(3)]
+        requests = [pool.submit(get_json, f"{base}/query{i}", timeout + 2) for i in range(3)]
         hung = _hung_workers(pid, until=lambda: all(r.done() for r in requests))
-        answered = sum(r.result() for r in requests)
+        answered = sum(r.result() is not None for r in requests)
         deadline = time.monotonic() + 3 * timeout
         while "WORKER TIMEOUT" not in log.read_text() and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -189,17 +172,17 @@ def _hung_workers(master: int, until: Callable[[], bool]) -> set[int]:
     return hung
 
 
-@pytest.mark.parametrize(("module", "worker_class"), SERVERS)
+@pytest.mark.parametrize(("attr", "worker_class"), SERVERS)
 def test_preloaded_gunicorn_answers_with_tokguard(
-    module: str, worker_class: str | None, cross_encoder: str, tmp_path: Path
+    attr: str, worker_class: str | None, cross_encoder: str, tmp_path: Path
 ) -> None:
     """With `import tokguard` first, 200 requests from 8 threads are answered; one warning."""
     log = tmp_path / "gunicorn.log"
-    server = gunicorn(f"{module}_guarded:app", cross_encoder, log, worker_class)
+    server = gunicorn(f"master_app_guarded:{attr}", cross_encoder, log, worker_class)
     with server as (base, _), ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda i: _get(f"{base}/q{i}", timeout=30), range(200)))
+        answers = list(pool.map(lambda i: get_json(f"{base}/q{i}", timeout=30), range(200)))
     text = log.read_text()
-    assert sum(answers) == 200, text[-3000:]
+    assert sum(a is not None for a in answers) == 200, text[-3000:]
     assert "WORKER TIMEOUT" not in text
     assert text.count(WARNING) == 1, text[-3000:]
     assert "torch intra-op pool" in text

@@ -11,14 +11,11 @@ answered.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,6 +24,7 @@ from typing import Any
 import pytest
 
 from conftest import run_py
+from net import free_port, get_json
 
 APPS = Path(__file__).parent / "apps"
 UWSGI = Path(sys.executable).parent / "uwsgi"
@@ -138,20 +136,6 @@ def test_check_lists_the_uwsgi_options_for_an_unsafe_app() -> None:
 # --- real uWSGI ---------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _get(url: str, timeout: float) -> dict[str, Any] | None:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return dict(json.loads(response.read()))
-    except (OSError, ValueError):
-        return None
-
-
 def _env(**extra: str) -> dict[str, str]:
     env = {
         k: v
@@ -170,7 +154,7 @@ def uwsgi(
     """A real uWSGI master with 2 workers on a free port; always stopped (group SIGKILL)."""
     if not UWSGI.exists():
         pytest.skip("uWSGI is not installed (the project's 'run' dependency group)")
-    port = _free_port()
+    port = free_port()
     argv = [
         str(UWSGI), "--http-socket", f"127.0.0.1:{port}", "--master", "--processes", "2",
         "--die-on-term", "--pythonpath", str(APPS), "--wsgi-file", str(APPS / wsgi_file),
@@ -213,11 +197,11 @@ def test_real_uwsgi_master_warns_once(tmp_path: Path) -> None:
     )
     log = tmp_path / "uwsgi.log"
     with uwsgi(str(app), log, env=_env()) as url:
-        assert _get(url, 30) is not None
+        assert get_json(url, 30) is not None
     assert log.read_text().count(MESSAGE) == 1, log.read_text()[-3000:]
     hooked = tmp_path / "hooked.log"
     with uwsgi(str(app), hooked, "--py-call-uwsgi-fork-hooks", env=_env()) as url:
-        assert _get(url, 30) is not None
+        assert get_json(url, 30) is not None
     assert MESSAGE not in hooked.read_text()
 
 
@@ -226,12 +210,12 @@ def test_real_uwsgi_master_warns_once(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("app", "options", "run", "answers"),
     [
-        pytest.param("server_wsgi_guarded.py", (), False, False, id="import-tokguard-no-option"),
-        pytest.param("server_wsgi_guarded.py", ("--py-call-uwsgi-fork-hooks",), False, True,
+        pytest.param("master_app_guarded.py", (), False, False, id="import-tokguard-no-option"),
+        pytest.param("master_app_guarded.py", ("--py-call-uwsgi-fork-hooks",), False, True,
                      id="import-tokguard-fork-hooks"),
-        pytest.param("server_wsgi.py", ("--lazy-apps",), False, True, id="unguarded-lazy-apps"),
-        pytest.param("server_wsgi.py", (), True, False, id="tokguard-run-no-option"),
-        pytest.param("server_wsgi.py", ("--py-call-uwsgi-fork-hooks",), True, True,
+        pytest.param("master_app.py", ("--lazy-apps",), False, True, id="unguarded-lazy-apps"),
+        pytest.param("master_app.py", (), True, False, id="tokguard-run-no-option"),
+        pytest.param("master_app.py", ("--py-call-uwsgi-fork-hooks",), True, True,
                      id="tokguard-run-fork-hooks"),
     ],
 )  # fmt: skip
@@ -248,7 +232,7 @@ def test_real_uwsgi_warmed_cross_encoder(
     env = _env(TOKGUARD_TEST_MODEL=cross_encoder_path)
     with uwsgi(app, log, *options, env=env, run=run) as url:
         # A lazy-apps worker loads the model after its fork: a first answer can take a while.
-        got = [_get(f"{url}/q{i}", 90 if answers else 6) for i in range(6 if answers else 2)]
+        got = [get_json(f"{url}/q{i}", 90 if answers else 6) for i in range(6 if answers else 2)]
     text = log.read_text(errors="replace")
     guarded = run or "guarded" in app
     if answers:

@@ -16,17 +16,9 @@ import sys
 import tempfile
 import time
 
-from . import _watchdog
+from ._lab import watchdog
+from ._outcome import UsageError
 from ._report import FIXES, consequence, hazard_from_dict, render_hazards
-from .cli import (
-    EXIT_IMPORT_FAILED,
-    EXIT_INTERNAL,
-    EXIT_NOT_FOUND,
-    EXIT_OK,
-    EXIT_TIMEOUT,
-    EXIT_UNSAFE,
-    UsageError,
-)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -112,16 +104,6 @@ finish(
 )
 """
 
-_EXIT_FOR = {
-    "safe": EXIT_OK,
-    "unsafe": EXIT_UNSAFE,
-    "import-failed": EXIT_IMPORT_FAILED,
-    "module-not-found": EXIT_NOT_FOUND,
-    "attribute-not-found": EXIT_NOT_FOUND,
-    "timeout": EXIT_TIMEOUT,
-    "error": EXIT_INTERNAL,
-}
-
 
 def parse_target(target: str) -> tuple[str, str]:
     """Split ``MODULE[:ATTR]`` the way gunicorn does; a UsageError names what is wrong."""
@@ -158,7 +140,8 @@ def run_check(target: str, timeout: float = 120.0) -> dict[str, Any]:
     """Import ``target`` in a fresh interpreter and return the verdict as a dict.
 
     ``status`` is one of safe, unsafe, import-failed, module-not-found,
-    attribute-not-found, timeout, error; ``exit_status`` is the CLI's exit status for it.
+    attribute-not-found, timeout, error: the command's outcome, which the CLI turns into
+    its exit status (and adds as ``exit_status`` before ``report``).
     """
     module, attr = parse_target(target)
     fd, result_path = tempfile.mkstemp(prefix="tokguard-check-", suffix=".json")
@@ -187,7 +170,6 @@ def run_check(target: str, timeout: float = 120.0) -> dict[str, Any]:
     finally:
         os.unlink(result_path)
     result["target"] = target
-    result["exit_status"] = _EXIT_FOR.get(result["status"], EXIT_INTERNAL)
     return result
 
 
@@ -196,7 +178,7 @@ def _run(argv: list[str], timeout: float) -> tuple[int | None, str, float | None
 
     An import that hangs is usually stuck for good (a fork or a pool at import time):
     once every thread of the interpreter waits in a futex with no CPU progress
-    (``_watchdog.HangMonitor``), it is killed then instead of at ``timeout``.
+    (``watchdog.HangMonitor``), it is killed then instead of at ``timeout``.
     """
     start = time.monotonic()
     proc = subprocess.Popen(
@@ -207,7 +189,7 @@ def _run(argv: list[str], timeout: float) -> tuple[int | None, str, float | None
         text=True,
         errors="replace",
     )
-    monitor = _watchdog.HangMonitor(proc.pid)
+    monitor = watchdog.HangMonitor(proc.pid)
     hung_after = None
     while True:
         try:
@@ -319,12 +301,10 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(target: str, timeout: float = 120.0, json_output: bool = False) -> int:
-    result = run_check(target, timeout=timeout)
+def report(result: dict[str, Any], json_output: bool = False) -> None:
+    """Print the verdict: JSON on stdout, or the words (on stderr when there is no verdict)."""
     if json_output:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:
-        text = render(result)
         stream = sys.stdout if result["status"] in ("safe", "unsafe") else sys.stderr
-        stream.write(text + "\n")
-    return int(result["exit_status"])
+        stream.write(render(result) + "\n")

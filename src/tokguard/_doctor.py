@@ -15,11 +15,12 @@ import platform
 import sys
 
 from . import _config, _env, _master, _report, _uwsgi, pools
-from .cli import EXIT_OK
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
+
+    from ._outcome import Outcome
 
 DISTRIBUTIONS = (
     "tokguard",
@@ -355,10 +356,10 @@ def render(info: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def main(json_output: bool = False, import_libraries: bool = True) -> int:
+def main(json_output: bool = False, import_libraries: bool = True) -> Outcome:
     info = collect(import_libraries=import_libraries)
     if json_output:
         print(json.dumps(info, indent=2, sort_keys=True))
     else:
         print(render(info))
-    return EXIT_OK
+    return "ok"

@@ -19,15 +19,16 @@ import shutil
 import sys
 
 from . import _config, _env
+from ._outcome import UsageError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    from ._outcome import Outcome
+
 GATE = "TOKGUARD_RUN"
 BOOTSTRAP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_bootstrap")
-EXIT_CANNOT_EXECUTE = 126
-EXIT_NOT_FOUND = 127
 
 _PYTHON_NAME = re.compile(r"^(python|pypy)[0-9.]*[a-z]?$")
 _SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "busybox"})
@@ -143,10 +144,8 @@ def warnings_for(argv: list[str], path: str) -> list[str]:
     return [f"{name} is not a Python program: only Python processes it starts are guarded"]
 
 
-def main(command: list[str], mode: str | None) -> int:
-    """Exec ``command`` guarded; returns only when it cannot (126 or 127)."""
-    from .cli import UsageError
-
+def main(command: list[str], mode: str | None) -> Outcome:
+    """Exec ``command`` guarded; returns only when it cannot (the CLI exits 127 or 126)."""
     if command and command[0] == "--":
         command = command[1:]
     if not command:
@@ -160,13 +159,13 @@ def main(command: list[str], mode: str | None) -> int:
     path = resolve(name)
     if path is None:
         sys.stderr.write(f"tokguard run: {name}: command not found\n")
-        return EXIT_NOT_FOUND
+        return "command-not-found"
     if os.path.isdir(path):
         sys.stderr.write(f"tokguard run: {name}: Is a directory\n")
-        return EXIT_CANNOT_EXECUTE
+        return "cannot-execute"
     if not os.stat(path).st_mode & 0o111 or not os.access(path, os.X_OK):
         sys.stderr.write(f"tokguard run: {name}: Permission denied\n")
-        return EXIT_CANNOT_EXECUTE
+        return "cannot-execute"
     for line in warnings_for(command, path):
         sys.stderr.write(f"tokguard run: warning: {line}\n")
     env = environment(os.environ, mode)
@@ -176,4 +175,4 @@ def main(command: list[str], mode: str | None) -> int:
         os.execve(path, command, env)
     except OSError as exc:
         sys.stderr.write(f"tokguard run: {name}: {exc.strerror or exc}\n")
-    return EXIT_CANNOT_EXECUTE
+    return "cannot-execute"

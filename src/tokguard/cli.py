@@ -4,6 +4,10 @@ Exit statuses are part of the interface, because ``tokguard check`` is meant as 
 and a gate must tell "your app is unsafe" apart from "the gate itself was called wrongly".
 argparse's own status 2 for a usage error would collide with "the app failed to import",
 so usage errors use 64 (``EX_USAGE`` of sysexits.h) instead.
+
+This module alone knows the statuses: each command returns an outcome (``_outcome``) and
+``EXIT_FOR`` maps it, so the commands never import ``cli`` and ``cli`` imports each command
+only when it runs.
 """
 
 from __future__ import annotations
@@ -11,12 +15,18 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ._outcome import UsageError
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import NoReturn
 
+    from ._outcome import Outcome
+
+__all__ = ["EXIT_FOR", "EXIT_STATUSES", "UsageError", "build_parser", "main", "run"]
+
 # Exit statuses, documented in docs/cli.md; keep the two in step. `run` has no status of
-# its own: it becomes the command, or exits 126/127 as a shell would (_run.py).
+# its own when it works: it becomes the command. When it cannot, it exits as a shell would.
 EXIT_OK = 0
 """doctor ran; check found the app safe; demo: every row behaved as expected with tokguard."""
 EXIT_UNSAFE = 1
@@ -31,6 +41,10 @@ EXIT_USAGE = 64
 """An unknown command or option, or a bad option value."""
 EXIT_INTERNAL = 70
 """A bug in tokguard itself (the message says where)."""
+EXIT_CANNOT_EXECUTE = 126
+"""run: the command was found but cannot be executed (as a shell says it)."""
+EXIT_COMMAND_NOT_FOUND = 127
+"""run: the command was not found (as a shell says it)."""
 
 EXIT_STATUSES = {
     EXIT_OK: "ok / safe",
@@ -40,13 +54,24 @@ EXIT_STATUSES = {
     EXIT_TIMEOUT: "the app's import timed out",
     EXIT_USAGE: "usage error",
     EXIT_INTERNAL: "internal error",
+    EXIT_CANNOT_EXECUTE: "run: the command cannot be executed",
+    EXIT_COMMAND_NOT_FOUND: "run: the command was not found",
+}
+
+EXIT_FOR: dict[Outcome, int] = {
+    "ok": EXIT_OK,
+    "safe": EXIT_OK,
+    "unsafe": EXIT_UNSAFE,
+    "import-failed": EXIT_IMPORT_FAILED,
+    "module-not-found": EXIT_NOT_FOUND,
+    "attribute-not-found": EXIT_NOT_FOUND,
+    "timeout": EXIT_TIMEOUT,
+    "error": EXIT_INTERNAL,
+    "cannot-execute": EXIT_CANNOT_EXECUTE,
+    "command-not-found": EXIT_COMMAND_NOT_FOUND,
 }
 
 _EPILOG = "exit statuses: " + ", ".join(f"{code} {what}" for code, what in EXIT_STATUSES.items())
-
-
-class UsageError(Exception):
-    """Bad input from the command line; the message names the input and the valid choices."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -198,28 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("tokguard: error: a command is required: doctor, check, demo or run\n")
         return EXIT_USAGE
     try:
-        if args.command == "doctor":
-            from . import _doctor
-
-            return _doctor.main(json_output=args.json, import_libraries=not args.no_import)
-        if args.command == "check":
-            from . import _check
-
-            return _check.main(args.target, timeout=args.timeout, json_output=args.json)
-        if args.command == "run":
-            from . import _run
-
-            return _run.main(args.command_args, mode=args.mode)
-        from . import _demo
-
-        return _demo.main(
-            rows=args.rows,
-            list_rows=args.list,
-            timeout=args.timeout,
-            forks=args.forks,
-            jobs=args.jobs,
-            json_output=args.json,
-        )
+        return EXIT_FOR[_dispatch(args)]
     except UsageError as exc:
         parser.print_usage(sys.stderr)
         sys.stderr.write(f"tokguard {args.command}: error: {exc}\n")
@@ -237,6 +241,36 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         sys.stderr.write("tokguard: internal error; please report it with the traceback above\n")
         return EXIT_INTERNAL
+
+
+def _dispatch(args: argparse.Namespace) -> Outcome:
+    """Run the command ``args`` names; its outcome (``check`` adds its exit status to its JSON)."""
+    if args.command == "doctor":
+        from . import _doctor
+
+        return _doctor.main(json_output=args.json, import_libraries=not args.no_import)
+    if args.command == "check":
+        from . import _check
+
+        result = _check.run_check(args.target, timeout=args.timeout)
+        outcome: Outcome = result["status"]
+        result["exit_status"] = EXIT_FOR.get(outcome, EXIT_INTERNAL)
+        _check.report(result, json_output=args.json)
+        return outcome if outcome in EXIT_FOR else "error"
+    if args.command == "run":
+        from . import _run
+
+        return _run.main(args.command_args, mode=args.mode)
+    from ._lab import demo
+
+    return demo.main(
+        rows=args.rows,
+        list_rows=args.list,
+        timeout=args.timeout,
+        forks=args.forks,
+        jobs=args.jobs,
+        json_output=args.json,
+    )
 
 
 def run() -> None:

@@ -1,6 +1,6 @@
 """Run lazy_app.py under real gunicorn ``--preload`` on 127.0.0.1, always with deadlines.
 
-Shared by tests/test_lazy.py and benchmarks/bench_lazy.py. The server is stopped in a
+Shared by tests/test_lazy.py, benchmarks/bench_lazy.py and benchmarks/bench_master.py. The server is stopped in a
 ``finally`` (SIGTERM, then SIGKILL of its whole session after a deadline), so a hung worker
 never outlives the caller.
 """
@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -81,6 +82,33 @@ class Server:
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def throughput(self, path: str, clients: int, seconds: float, timeout: float) -> float:
+        """Answers per second to ``clients`` threads asking ``path`` in a loop for ``seconds``.
+
+        The benchmarks' load: failed requests (no answer within ``timeout``) are counted
+        and printed, never retried, so a hung worker shows as a lower rate, not a stall.
+        """
+        done = failed = 0
+        lock = threading.Lock()
+        end = time.monotonic() + seconds
+
+        def client() -> None:
+            nonlocal done, failed
+            while time.monotonic() < end:
+                ok = self.get(path, timeout=timeout) is not None
+                with lock:
+                    done, failed = done + ok, failed + (not ok)
+
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        start = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(seconds + 2 * timeout)
+        if failed:
+            print(f"  ({failed} requests failed)")
+        return done / (time.monotonic() - start)
 
 
 def pss_kib(pid: int) -> int:

@@ -1,12 +1,14 @@
-"""An app that warms a CrossEncoder at import and tells each worker's thread settings.
+"""The test servers' app: a CrossEncoder warmed at import, and each worker's thread settings.
 
-``gunicorn --preload master_app:app`` (WSGI) or ``-k uvicorn_worker.UvicornWorker
-master_app:asgi_app``; ``master_app_guarded`` is the same with ``import tokguard`` first.
-Without TOKGUARD_TEST_MODEL no model is loaded (recognition tests). ``/settings``
-answers without the model: the worker's torch threads, the
-TOKENIZERS_PARALLELISM it sees (os.environ and C), and the threads torch had while this
-module was imported (in the master under --preload). Any other path runs the model first;
-``/batchN`` scores N pairs (the benchmark's request).
+``gunicorn --preload master_app:app`` (WSGI), ``-k uvicorn_worker.UvicornWorker
+master_app:asgi_app`` (ASGI) or uWSGI ``--wsgi-file master_app.py --callable app``;
+``master_app_guarded`` is the same with ``import tokguard`` first. Without
+TOKGUARD_TEST_MODEL no model is loaded (recognition tests). ``/settings`` and ``/health``
+answer without the model: the worker's pid and torch threads, the TOKENIZERS_PARALLELISM
+it sees (os.environ and C), and the threads torch had while this module was imported (in
+the master under --preload). Any other path runs the model first, blocking, so a hung
+predict hangs the worker as it does in production; ``/batchN`` scores N pairs (the
+benchmark's request).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def answer(path: str) -> bytes:
         # The benchmark's request: /batchN scores N pairs in one predict.
         pairs = [(path, f"document {i} about pools and threads") for i in range(int(path[6:]))]
         body["score"] = float(MODEL.predict(pairs, show_progress_bar=False).mean())
-    elif path != "/settings" and MODEL is not None:
+    elif path not in ("/settings", "/health") and MODEL is not None:
         # Blocking on purpose: a hung predict hangs the worker, as it does in production.
         body["score"] = server_model.score(MODEL, path)
     return json.dumps(body).encode()

@@ -4,7 +4,7 @@
 
 Prints one JSON line: {"ok": answered tasks, "hung": unanswered ones, "errors": [...],
 "recognised": whether the wait ended because every worker was recognised hung}. tokguard's
-watchdog (loaded by file path, so an unguarded run stays unguarded) ends the wait once every
+watchdog (from the lab as ``server_model`` loads it, so an unguarded run stays unguarded) ends the wait once every
 worker is stuck in a futex wait at 0 % CPU; ``--timeout`` is the outer bound.
 ``--guard`` imports tokguard first, as an application's first line would. The environment
 is set here, before any import, the way a shell would set it.
@@ -19,7 +19,6 @@ is set here, before any import, the way a shell would set it.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -44,21 +43,7 @@ MODEL: Any = None
 STUCK = "every worker hung: stuck in a futex wait at 0 % CPU"
 
 
-def _load_watchdog() -> Any:
-    spec = importlib.util.find_spec("tokguard")  # finds the package without running it
-    assert spec is not None
-    assert spec.submodule_search_locations is not None
-    path = os.path.join(next(iter(spec.submodule_search_locations)), "_watchdog.py")
-    wd_spec = importlib.util.spec_from_file_location("_server_pool_watchdog", path)
-    assert wd_spec is not None
-    assert wd_spec.loader is not None
-    module = importlib.util.module_from_spec(wd_spec)
-    sys.modules[wd_spec.name] = module
-    wd_spec.loader.exec_module(module)
-    return module
-
-
-watchdog = _load_watchdog()
+watchdog = server_model.lab.watchdog
 
 
 def task(i: int) -> float:

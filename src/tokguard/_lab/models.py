@@ -5,11 +5,10 @@ a real (if tiny) transformer.  Downloading one would make the tests depend on
 the network and on a cache, so this module builds both from generated text in
 well under a second.
 
-This module is deliberately standalone: no relative imports and no heavy
-imports at module level (tokenizers, transformers, torch and
-sentence_transformers are imported inside the functions).  The unguarded
-scenario runner (``_scenarios.py``) loads it by file path so that the
-``tokguard`` package, which installs the guard on import, is never executed.
+No heavy import at module level (tokenizers, transformers, torch and
+sentence_transformers are imported inside the functions): unguarded baselines
+import the lab through ``standalone.load()``, and importing it must start and
+cost nothing.
 
 Nothing here may leave a thread pool running in the caller's process: the
 caller decides whether its process is fork-safe (see the notes on

@@ -1,10 +1,14 @@
 """``tokguard demo``: each measured hang, reproduced without tokguard and then run with it.
 
-Every run is a fresh interpreter started on ``tokguard._scenarios``: the unguarded run as a
-plain script (so ``tokguard/__init__.py`` never executes in it), the guarded one with
-``--guard``. A hung child is recognised within a fraction of a second (``_watchdog``), the
-timeout is only the outer bound; runs go in parallel, more than cores, because the unguarded
-runs spend their time waiting.
+Every run is a fresh interpreter started on the lab's ``scenarios`` through
+``standalone.py``: the unguarded run never executes ``tokguard/__init__.py``, the guarded
+one imports tokguard with ``--guard``, after the scenario's environment is set, as a shell
+would set it. A hung child is recognised within a fraction of a second (``watchdog``), the
+timeout is only the outer bound; runs go in parallel, more than cores, because the
+unguarded runs spend their time waiting.
+
+The one module of the lab that belongs to the command: it imports tokguard's ``_outcome``,
+so ``standalone.load()`` must never import it.
 """
 
 from __future__ import annotations
@@ -17,12 +21,14 @@ import sys
 import tempfile
 import time
 
-from . import _scenarios
-from .cli import EXIT_OK, EXIT_UNSAFE, UsageError
+from .._outcome import UsageError
+from . import scenarios, standalone
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import IO, Any
+
+    from .._outcome import Outcome
 
 # Rows of the docs' hang table that hang, in table order; `--rows` can add the other scenarios.
 DEFAULT_ROWS = ("row2", "row3", "row4", "row7", "row9")
@@ -60,11 +66,11 @@ def parse_rows(text: str | None) -> list[str]:
     if text is None:
         return list(DEFAULT_ROWS)
     rows = [r.strip() for r in text.split(",") if r.strip()]
-    unknown = [r for r in rows if r not in _scenarios.SCENARIOS]
+    unknown = [r for r in rows if r not in scenarios.SCENARIOS]
     if unknown or not rows:
         raise UsageError(
             f"--rows {text!r}: unknown row(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
-            f"valid rows are {', '.join(sorted(_scenarios.SCENARIOS))}"
+            f"valid rows are {', '.join(sorted(scenarios.SCENARIOS))}"
         )
     return list(dict.fromkeys(rows))
 
@@ -76,14 +82,11 @@ class Run:
         self.row = row
         self.guard = guard
         self.timeout = timeout
-        script = os.path.abspath(_scenarios.__file__)
-        common = [row, "--forks", str(forks), "--timeout", f"{timeout:g}", "--json"]
+        self.argv = [sys.executable, standalone.PATH, row, "--forks", str(forks)]
+        self.argv += ["--timeout", f"{timeout:g}", "--json"]
         if guard:
             # --mode warn: a TOKGUARD_MODE=raise in the user's shell must not change the demo.
-            self.argv = [sys.executable, "-m", "tokguard._scenarios", *common, "--guard"]
-            self.argv += ["--mode", "warn"]
-        else:
-            self.argv = [sys.executable, script, *common]
+            self.argv += ["--guard", "--mode", "warn"]
         self.proc: subprocess.Popen[bytes] | None = None
         self.started = 0.0
         self.wall = 0.0
@@ -310,14 +313,14 @@ def main(
     forks: int = 2,
     jobs: int | None = None,
     json_output: bool = False,
-) -> int:
+) -> Outcome:
     if list_rows:
-        for name, s in _scenarios.SCENARIOS.items():
+        for name, s in scenarios.SCENARIOS.items():
             needs = ", ".join(req for _, req in NEEDS.get(name, ())) or "tokenizers"
             mark = "*" if name in DEFAULT_ROWS else " "
             print(f"{mark} {name:13} unguarded {s.expect:6} needs {needs:42} parent: {s.parent}")
         print("* run by default")
-        return EXIT_OK
+        return "ok"
     names = parse_rows(rows)
     jobs = jobs or min(4, 2 * (os.cpu_count() or 1))
     start = time.monotonic()
@@ -325,7 +328,7 @@ def main(
     runs: list[Run] = []
     pairs: dict[str, tuple[Run, Run]] = {}
     for name in names:
-        s = _scenarios.SCENARIOS[name]
+        s = scenarios.SCENARIOS[name]
         entry: dict[str, Any] = {
             "row": name,
             "parent": s.parent,
@@ -369,4 +372,4 @@ def main(
         print(json.dumps({"rows": results, "seconds": round(total, 2), "ok": worked}, indent=2))
     else:
         print(render(results, total))
-    return EXIT_OK if worked else EXIT_UNSAFE
+    return "ok" if worked else "unsafe"

@@ -27,9 +27,8 @@ All children are started first and then share one deadline: the total time is
 bounded by ``timeout`` (plus reaping), however many forks hang, and every child
 is forked from the same parent state, like the docs' "20 of 20 forks hung".
 
-Standalone on purpose (stdlib only, no relative imports): the unguarded
-scenario runner loads this file by path so that ``tokguard/__init__.py`` never
-runs.  ``os.fork`` is called through the module attribute because tokguard
+Stdlib only, like the whole lab (see ``standalone``): unguarded baselines
+import it without ``tokguard/__init__.py`` ever running.  ``os.fork`` is called through the module attribute because tokguard
 wraps ``os.fork``; ``from os import fork`` would bypass the guard.
 """
 

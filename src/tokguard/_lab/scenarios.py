@@ -2,30 +2,31 @@
 
 Usage::
 
-    python src/tokguard/_scenarios.py ROW [--forks N] [--timeout S] [--json]       # unguarded
-    python -m tokguard._scenarios ROW --guard [--mode warn|raise|off] [--json]     # guarded
+    python src/tokguard/_lab/standalone.py ROW [--forks N] [--timeout S] [--json]  # unguarded
+    python src/tokguard/_lab/standalone.py ROW --guard [--mode warn|raise|off]     # guarded
+    python -m tokguard._lab.scenarios ROW [--guard] ...                            # the same
 
 Each scenario prepares the parent (encode_batch, a torch op, a CrossEncoder
 warm-up...), then forks ``--forks`` children that all share one deadline of
-``--timeout`` seconds (``_watchdog.fork_and_watch``; default 5 s, more for a
-row whose healthy children are slow); children still alive at the deadline are
-killed and counted as hung.  ``mp_pool`` and ``dataloader`` count tasks and
-batches instead, bounded by the same deadline.  The runner prints one summary
-line, or a JSON object with ``--json``, and exits 0 whatever the outcome.
-``SCENARIOS`` maps each row name to its description (parent, child, expected
-unguarded result) for tables and tests.
+``--timeout`` seconds (``watchdog.fork_and_watch``; default 5 s, more for a
+row whose healthy children are slow); children recognised as hung are killed at
+once, those still alive at the deadline then, and both count as hung.
+``mp_pool`` and ``dataloader`` count tasks and batches instead, bounded by the
+same deadline.  The runner prints one summary line, or a JSON object with
+``--json``, and exits 0 whatever the outcome.  ``SCENARIOS`` maps each row name
+to its description (parent, child, expected unguarded result) for the demo's
+table and the tests.
 
 Why the unguarded run is truly unguarded: ``tokguard/__init__.py`` installs the
-guard, and *any* ``import tokguard.<submodule>`` executes it first.  So this
-module imports nothing from the package; it loads its two standalone helpers,
-``_lab.py`` and ``_watchdog.py``, by file path (``_load_standalone``).  Run as
-a script (``python .../_scenarios.py``), the package is never executed.  Run
-with ``-m`` and without ``--guard``, the package has already been imported by
-Python before this code runs, so ``main`` re-executes the file as a script,
-with the environment the process started with (``/proc/self/environ``) in
-case the package changed ``os.environ``.  The JSON reports
-``tokguard_imported`` measured at the end of the run, so a baseline that was
-guarded after all (say, by a ``.pth`` file) cannot pass unnoticed.
+guard, and *any* ``import tokguard.<submodule>`` executes it first.  So the
+runner is started through ``standalone.py``, which imports this package under
+its own name; nothing here imports tokguard but ``--guard``.  Started with
+``-m`` and without ``--guard``, the package has already been imported by Python
+before this code runs, so ``main`` re-executes through ``standalone.py``, with
+the environment the process started with (``/proc/self/environ``) in case the
+package changed ``os.environ``.  The JSON reports ``tokguard_imported``
+measured at the end of the run, so a baseline that was guarded after all (say,
+by a ``.pth`` file) cannot pass unnoticed.
 
 ``--guard`` imports ``tokguard`` (and calls ``tokguard.configure(mode=...)``
 when ``--mode`` is given) right after the scenario's environment variables are
@@ -36,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import os
 import sys
@@ -44,41 +44,23 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from types import ModuleType
 from typing import Any, NamedTuple
+
+from . import models, watchdog
 
 THREADS = 2  # torch intra-op threads: explicit, so row 4 hangs even where the default is 1
 _REEXEC_MARK = "_TOKGUARD_SCENARIO_REEXEC"
 
 
-def _load_standalone(name: str) -> ModuleType:
-    """Load ``tokguard/<name>.py`` by path, under a private module name.
-
-    Why: ``import tokguard._lab`` would run ``tokguard/__init__.py`` first,
-    which installs the guard; an unguarded baseline must never execute it.
-    ``_lab`` and ``_watchdog`` have no relative imports, so they load alone.
-    """
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name + ".py")
-    spec = importlib.util.spec_from_file_location("_tokguard_standalone" + name, path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # typing.NamedTuple looks its module up here
-    spec.loader.exec_module(module)
-    return module
-
-
 class Context(NamedTuple):
-    """What a scenario needs: the two helpers and the run's parameters."""
+    """What a scenario needs: the run's parameters."""
 
-    lab: Any  # the _lab module
-    watchdog: Any  # the _watchdog module
     forks: int
     timeout: float
     tmp: str  # a scratch directory, removed by the runner
 
     def watch(self, child: Callable[[], object]) -> dict[str, Any]:
-        result = self.watchdog.fork_and_watch(child, self.forks, self.timeout)
+        result = watchdog.fork_and_watch(child, self.forks, self.timeout)
         outcome: dict[str, Any] = result._asdict()
         outcome["unit"] = "fork"
         return outcome
@@ -107,7 +89,7 @@ def _short(exc: BaseException, prefix: str = "") -> str:
 
 
 def _texts(ctx: Context, n: int = 64) -> list[str]:
-    return list(ctx.lab.corpus(n))
+    return list(models.corpus(n))
 
 
 def _encode_batch(tok: Any, texts: list[str]) -> None:
@@ -130,8 +112,8 @@ def _torch_parallel_op(size: int = 512) -> None:
 
 
 def _cross_encoder(ctx: Context) -> Any:
-    path = ctx.lab.build_cross_encoder(os.path.join(ctx.tmp, "cross-encoder"))
-    return ctx.lab.load_cross_encoder(path)
+    path = models.build_cross_encoder(os.path.join(ctx.tmp, "cross-encoder"))
+    return models.load_cross_encoder(path)
 
 
 _PAIRS = [("the parent forks", "the child hangs"), ("a tiny bert", "predicts quickly")]
@@ -147,7 +129,7 @@ def _predict(model: Any) -> None:
 
 def _row_tokenizer(ctx: Context, child_batch: int = 8) -> dict[str, Any]:
     """Rows 1, 2: parent encode_batch, child encode_batch (the env differs per row)."""
-    tok = ctx.lab.train_tokenizer()
+    tok = models.train_tokenizer()
     _encode_batch(tok, _texts(ctx))
     child_texts = _texts(ctx, child_batch)
     return ctx.watch(lambda: _encode_batch(tok, child_texts))
@@ -159,7 +141,7 @@ def _row2_single(ctx: Context) -> dict[str, Any]:
 
 def _row3(ctx: Context) -> dict[str, Any]:
     """Another thread is inside encode_batch, in a loop, while the parent forks."""
-    tok = ctx.lab.train_tokenizer()
+    tok = models.train_tokenizer()
     texts = _texts(ctx, 512)
     started, stop = threading.Event(), threading.Event()
 
@@ -233,7 +215,7 @@ def _row7(ctx: Context) -> dict[str, Any]:
 
 def _row9(ctx: Context) -> dict[str, Any]:
     """``async_encode`` runs on tokenizers' global tokio runtime, whatever the env says."""
-    tok = ctx.lab.train_tokenizer()
+    tok = models.train_tokenizer()
 
     async def encode() -> Any:
         # async_encode needs a running event loop when it is called, not only when awaited.
@@ -289,7 +271,7 @@ def _mp_pool(ctx: Context) -> dict[str, Any]:
     import torch
 
     global _POOL_TOKENIZER
-    _POOL_TOKENIZER = ctx.lab.train_tokenizer()
+    _POOL_TOKENIZER = models.train_tokenizer()
     torch.set_num_threads(THREADS)
     _encode_batch(_POOL_TOKENIZER, _texts(ctx))
     _torch_parallel_op(256)
@@ -305,7 +287,7 @@ def _mp_pool(ctx: Context) -> dict[str, Any]:
         outcome["errors"].append(_short(exc, "refused: "))
         outcome["elapsed"] = time.monotonic() - start
         return outcome
-    workers = ctx.watchdog.PoolMonitor(lambda: [w.pid for w in pool._pool])  # type: ignore[attr-defined]
+    workers = watchdog.PoolMonitor(lambda: [w.pid for w in pool._pool])  # type: ignore[attr-defined]
     recognised = False
     try:
         results = pool.imap_unordered(_pool_task, range(ctx.forks))
@@ -338,7 +320,7 @@ def _dataloader(ctx: Context) -> dict[str, Any]:
     import torch
     from torch.utils.data import DataLoader, Dataset
 
-    tok = ctx.lab.train_tokenizer()
+    tok = models.train_tokenizer()
     torch.set_num_threads(THREADS)
     _encode_batch(tok, _texts(ctx))
     _torch_parallel_op(256)
@@ -370,7 +352,7 @@ def _dataloader(ctx: Context) -> dict[str, Any]:
         refused = ctx.forks
         outcome["errors"].append(_short(exc, "refused: "))
     processes = getattr(iterator, "_workers", [])
-    workers = ctx.watchdog.PoolMonitor(lambda: [w.pid for w in processes])
+    workers = watchdog.PoolMonitor(lambda: [w.pid for w in processes])
     try:
         while iterator is not None:
             try:
@@ -531,8 +513,8 @@ SCENARIOS: dict[str, Scenario] = {
 # --- runner --------------------------------------------------------------------------------------
 
 
-def _reexec_as_script(argv: list[str]) -> None:
-    """Replace this process with ``python <this file> argv``, never importing tokguard.
+def _reexec_unguarded(argv: list[str]) -> None:
+    """Replace this process with ``python standalone.py argv``, never importing tokguard.
 
     The environment is the one the process started with when Linux exposes it,
     because ``tokguard/__init__.py`` (already run by ``-m``) may have changed it.
@@ -554,12 +536,13 @@ def _reexec_as_script(argv: list[str]) -> None:
     env[_REEXEC_MARK] = "1"
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv], env)
+    standalone = os.path.join(os.path.dirname(os.path.abspath(__file__)), "standalone.py")
+    os.execve(sys.executable, [sys.executable, standalone, *argv], env)
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m tokguard._scenarios",
+        prog="python -m tokguard._lab.scenarios",
         description="Fork after a known hazard and count ok / failed / hung children.",
     )
     parser.add_argument("row", choices=sorted(SCENARIOS))
@@ -581,13 +564,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parse(argv)
     if not args.guard and "tokguard" in sys.modules:
-        _reexec_as_script(argv)  # does not return
+        _reexec_unguarded(argv)  # does not return
     if args.mode and not args.guard:
         sys.exit("--mode needs --guard")
-    here = os.path.dirname(os.path.abspath(__file__))
-    if sys.path and os.path.abspath(sys.path[0] or ".") == here:
-        del sys.path[0]  # run as a script: sibling files must not shadow top-level modules
-
     scenario = SCENARIOS[args.row]
     for key, value in scenario.env.items():  # like a shell would, before any import
         if value is None:
@@ -606,8 +585,6 @@ def main(argv: list[str] | None = None) -> int:
     timeout = scenario.timeout if args.timeout is None else args.timeout
     faulthandler.dump_traceback_later(120 + 3 * timeout, exit=True)
     ctx = Context(
-        lab=_load_standalone("_lab"),
-        watchdog=_load_standalone("_watchdog"),
         forks=args.forks,
         timeout=timeout,
         tmp=tempfile.mkdtemp(prefix="tokguard-scenario-"),
