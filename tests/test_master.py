@@ -783,6 +783,141 @@ def test_forkserver_workers_run_at_full_speed(guard: bool, cross_encoder_path: s
     assert WARNING not in proc.stderr
 
 
+# The forkserver importing __main__ (CPython 3.13.8+ / 3.14.1+; torch-free, so it runs on
+# every interpreter of the matrix that has that forkserver): a main.py that trains a tokenizer
+# and runs a parallel batch at its top, then a forkserver Pool whose workers batch-encode.
+FORKSERVER_MAIN = """\
+{guard}import ctypes, json, multiprocessing, os, sys
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+WORDS = ["fork", "pool", "thread", "worker", "model", "token", "hang", "rayon"]
+CORPUS = [
+    " ".join(WORDS[(i + j) % 8] + str((i * j) % 97) for j in range(48)) for i in range(1500)
+]
+TOK = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+TOK.pre_tokenizer = pre_tokenizers.Whitespace()
+TOK.train_from_iterator(CORPUS, trainers.WordLevelTrainer(special_tokens=["[UNK]"]))
+TOK.encode_batch(CORPUS[:256])  # the warm-up: starts rayon's pool where parallelism is on
+IMPORTED_IN = os.getpid()
+if __name__ != "__main__":  # the forkserver preloading this module (or a worker importing it)
+    tg = sys.modules.get("tokguard")
+    print("IMPORTED pid=%d master=%s" % (os.getpid(), tg and tg.master_mode().active), flush=True)
+
+_getenv = ctypes.CDLL(None).getenv
+_getenv.restype = ctypes.c_char_p
+
+
+def work(i):
+    n = sum(len(e.ids) for e in TOK.encode_batch(CORPUS))  # parallel where the worker may
+    tg = sys.modules.get("tokguard")
+    raw = _getenv(b"TOKENIZERS_PARALLELISM")
+    return {{
+        "pid": os.getpid(),
+        "imported_in": IMPORTED_IN,
+        "threads": len(os.listdir("/proc/self/task")),  # rayon's threads, once it ran
+        "parallelism": os.environ.get("TOKENIZERS_PARALLELISM"),
+        "parallelism_c": None if raw is None else raw.decode(),
+        "master": tg and tg.master_mode().active,
+        "ids": n,
+    }}
+
+
+if __name__ == "__main__":
+    with multiprocessing.get_context("forkserver").Pool(2) as pool:
+        try:
+            found = pool.map_async(work, range(4), chunksize=1).get(float(os.environ["TG_BOUND"]))
+        except multiprocessing.TimeoutError:
+            print("HUNG", flush=True)
+        else:
+            print("DONE " + json.dumps(found), flush=True)
+"""
+
+PROBE_FORKSERVER_MAIN = """\
+import multiprocessing, os
+if __name__ != "__main__":
+    print("IMPORTED", os.getpid(), flush=True)
+
+
+def pid(_):
+    return os.getpid()
+
+
+if __name__ == "__main__":
+    with multiprocessing.get_context("forkserver").Pool(1) as pool:
+        print("WORKER", pool.map(pid, [0])[0], flush=True)
+"""
+
+
+def forkserver_imports_main(tmp: Path) -> bool:
+    """Does this Python's forkserver import ``__main__`` before it forks? Asked, not version-sniffed.
+
+    Where it does, ``__main__`` is imported in the server (a pid that is no worker's);
+    elsewhere (3.13.0, say) each worker imports it itself, after the fork.
+    """
+    result = run_py(PROBE_FORKSERVER_MAIN, path=tmp / "probe.py", timeout=60)
+    assert result.returncode == 0, str(result)
+    words = [line.split() for line in result.stdout.splitlines()]
+    workers = {w[1] for w in words if w[0] == "WORKER"}
+    return any(w[0] == "IMPORTED" and w[1] not in workers for w in words)
+
+
+@pytest.mark.parametrize(
+    ("guard", "switch"),
+    [(False, None), (True, None), (True, "off")],
+    ids=["without-tokguard", "master-mode", "master-mode-off"],
+)
+def test_forkserver_importing_main_is_a_master_tokenizers_only(
+    guard: bool, switch: str | None, tmp_path: Path
+) -> None:
+    """A forkserver that imports main.py, whose top trains a tokenizer and runs a batch with
+    TOKENIZERS_PARALLELISM=true. Without tokguard the workers hang (seen by the deadline).
+    With `import tokguard` first the forkserver is a master: the workers complete, tokenize
+    in parallel (rayon threads appear) with the user's value back, and nothing is reported.
+    With master mode off they complete too, but repaired: serial, and the fork is reported."""
+    pytest.importorskip("tokenizers")
+    if not forkserver_imports_main(tmp_path):
+        pytest.skip(
+            "this Python's forkserver does not import __main__ (CPython 3.13.8+ and 3.14.1+ "
+            "do): each worker imports main.py itself, so no pool runs in the server"
+        )
+    script = tmp_path / "main.py"
+    line = "import tokguard  # first line\n" if guard else ""
+    result = run_py(
+        FORKSERVER_MAIN.format(guard=line),
+        path=script,
+        cwd=str(tmp_path),
+        env={
+            "TOKENIZERS_PARALLELISM": "true",
+            "TOKGUARD_MASTER": switch,
+            "TG_BOUND": "120" if guard else "10",  # the workers hang: this only bounds it
+        },
+        timeout=240,
+    )
+    if not guard:
+        assert "HUNG" in result.stdout.splitlines(), str(result)
+        return
+    assert result.returncode == 0, str(result)
+    done = [line for line in result.stdout.splitlines() if line.startswith("DONE ")]
+    assert done, str(result)
+    workers = json.loads(done[0][5:])
+    (server,) = [line for line in result.stdout.splitlines() if line.startswith("IMPORTED ")]
+    assert len(workers) == 4, str(result)
+    # Every worker was forked from the server that imported main.py, and is no master itself.
+    assert {w["imported_in"] for w in workers} == {int(server.split()[1].split("=")[1])}
+    assert all(w["pid"] != w["imported_in"] and w["master"] is False for w in workers)
+    assert len({w["ids"] for w in workers}) == 1
+    if switch is None:
+        assert server.endswith("master=True"), str(result)
+        assert {(w["parallelism"], w["parallelism_c"]) for w in workers} == {("true", "true")}
+        assert all(w["threads"] > 1 for w in workers), workers  # rayon ran in the worker
+        assert WARNING not in result.stderr, result.stderr
+    else:
+        assert server.endswith("master=False"), str(result)
+        assert {(w["parallelism"], w["parallelism_c"]) for w in workers} == {("false", "false")}
+        assert all(w["threads"] == 1 for w in workers), workers  # repaired: serial
+        assert result.stderr.count(WARNING) == 1, result.stderr  # the server's first fork
+
+
 # --- pytest --forked ---------------------------------------------------------------------
 
 FORKED_CONFTEST = """
