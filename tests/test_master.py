@@ -749,6 +749,61 @@ def test_celery_workers_that_do_not_fork_are_not_masters(
     }
 
 
+@contextlib.contextmanager
+def detached_celery_worker(env: dict[str, str], tmp: Path) -> Iterator[subprocess.CompletedProcess[str]]:
+    """``celery worker --detach``: the command returns once the worker is forked off and
+    re-executed in a session of its own; the worker is stopped by its pidfile afterwards."""
+    pytest.importorskip("celery")
+    log, pidfile = tmp / "celery.log", tmp / "celery.pid"
+    argv = [*_celery_argv(None), "--detach", "-f", str(log), "--pidfile", str(pidfile)]
+    try:
+        detach = subprocess.run(
+            argv, cwd=APPS, env=env, capture_output=True, text=True, timeout=BOOT_DEADLINE
+        )
+        deadline = time.monotonic() + BOOT_DEADLINE
+        while "MAIN_PROCESS" not in (log.read_text() if log.exists() else ""):
+            if time.monotonic() > deadline:
+                pytest.fail(f"detached celery not ready:\n{detach}\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield detach
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(pidfile.read_text().strip())
+            os.kill(pid, signal.SIGTERM)
+            end = time.monotonic() + 15
+            while time.monotonic() < end and os.path.exists(f"/proc/{pid}"):
+                time.sleep(0.2)
+            os.kill(pid, signal.SIGKILL)  # its pool's children die with it (pdeathsig)
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_celery_detach_passes_the_users_settings_to_the_worker(
+    broker: str, cross_encoder_path: str, tmp_path: Path
+) -> None:
+    """celery worker --detach: the command imports the app (the warm-up), forks and the child
+    re-executes celery. The process that detaches is a master: its warm-up runs cold, nothing
+    is reported, and the re-executed worker gets the user's TOKENIZERS_PARALLELISM, not a
+    repaired one; its prefork children then run at full speed."""
+    env = _env(
+        TOKGUARD_TEST_BROKER=broker,
+        TOKGUARD_TEST_MODEL=cross_encoder_path,
+        TOKGUARD_TEST_GUARD="1",
+        TOKENIZERS_PARALLELISM="true",
+    )
+    with detached_celery_worker(env, tmp_path) as detach:
+        answers = _tasks(env, 4, timeout=60, score=True)
+    text = (tmp_path / "celery.log").read_text()
+    assert detach.returncode == 0, detach
+    assert len(answers) == 4, text[-3000:]
+    assert {(a["tokenizers_parallelism"], a["tokenizers_parallelism_c"]) for a in answers} == {
+        ("true", "true")
+    }
+    assert {a["torch_threads"] for a in answers} == {torch_default()}
+    assert _main_process(text)["master"] == "True", text[-3000:]  # the re-executed worker
+    assert WARNING not in detach.stderr + text
+
+
 # --- the multiprocessing forkserver ------------------------------------------------------
 
 
