@@ -605,17 +605,19 @@ def test_switched_off_keeps_todays_repair(cross_encoder_path: str, tmp_path: Pat
 # --- celery prefork on a real redis --------------------------------------------------------
 
 
-def _celery_argv(pool: str | None) -> list[str]:
+def _celery_argv(pool: str | None, *extra: str) -> list[str]:
     argv = [sys.executable, "-m", "celery", "-A", "master_celery", "worker", "-c", "2"]
     argv += ["--loglevel=INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"]
-    return argv + (["-P", pool] if pool else [])
+    return argv + (["-P", pool] if pool else []) + list(extra)
 
 
 @contextlib.contextmanager
-def celery_worker(pool: str | None, env: dict[str, str], log: Path) -> Iterator[None]:
+def celery_worker(
+    pool: str | None, env: dict[str, str], log: Path, *extra: str
+) -> Iterator[None]:
     """A celery worker of master_celery; ready (or failed) within the boot deadline."""
     pytest.importorskip("celery")
-    proc = _start(_celery_argv(pool), env, log)
+    proc = _start(_celery_argv(pool, *extra), env, log)
     try:
         deadline = time.monotonic() + BOOT_DEADLINE
         while "MAIN_PROCESS" not in log.read_text():
@@ -712,21 +714,30 @@ def test_celery_prefork_children_run_at_full_speed(
 @pytest.mark.slow
 @pytest.mark.torch
 @pytest.mark.parametrize(
-    ("pool", "configured", "cold_import"),
+    ("pool", "configured", "cold_import", "extra", "why"),
     [
-        ("solo", None, False),
-        ("threads", None, False),
+        ("solo", None, False, (), "does not fork"),
+        ("threads", None, False, (), "does not fork"),
         # Only the app's configuration says solo: while the app module is imported nothing
         # else can tell, so that import is a master's; the worker undoes it when it starts.
-        (None, "solo", True),
+        (None, "solo", True, (), "does not fork"),
+        # The prefork pool with billiard's spawn: each child imports the app itself.
+        (None, None, False, ("--pool-start-method", "spawn"), "with 'spawn'"),
     ],
-    ids=["P-solo", "P-threads", "configured-solo"],
+    ids=["P-solo", "P-threads", "configured-solo", "prefork-spawn"],
 )
 def test_celery_workers_that_do_not_fork_are_not_masters(
-    pool: str | None, configured: str | None, cold_import: bool, broker: str, tmp_path: Path
+    pool: str | None,
+    configured: str | None,
+    cold_import: bool,
+    extra: tuple[str, ...],
+    why: str,
+    broker: str,
+    tmp_path: Path,
 ) -> None:
-    """celery -P solo / -P threads are never switched to single-threaded; a pool chosen by
-    the configuration is recognised when the worker starts and the settings come back."""
+    """celery -P solo / -P threads / --pool-start-method spawn are never switched to
+    single-threaded; a pool chosen by the configuration is recognised when the worker
+    starts and the settings come back."""
     env = _env(
         TOKGUARD_TEST_BROKER=broker,
         TOKGUARD_TEST_GUARD="1",
@@ -734,7 +745,7 @@ def test_celery_workers_that_do_not_fork_are_not_masters(
         TOKGUARD_TEST_POOL=configured,
     )
     log = tmp_path / "celery.log"
-    with celery_worker(pool, env, log):
+    with celery_worker(pool, env, log, *extra):
         answers = _tasks(env, 2, timeout=60, score=False)
     text = log.read_text()
     main = _main_process(text)
@@ -742,7 +753,7 @@ def test_celery_workers_that_do_not_fork_are_not_masters(
     default = torch_default()
     assert main["import_threads"] == ("1" if cold_import else str(default))
     assert main["torch_threads"] == str(default)
-    assert "does not fork" in main["reason"]
+    assert why in main["reason"], main
     assert len(answers) == 2, text[-3000:]
     assert {(a["torch_threads"], a["tokenizers_parallelism_c"]) for a in answers} == {
         (default, "true")
