@@ -1099,6 +1099,94 @@ def test_pytest_without_forked_is_not_a_master(cross_encoder_path: str, tmp_path
     assert f"PYTEST_PROCESS master=False import_threads={torch_default()}" in output
 
 
+# pytest-xdist with --forked, tokenizers only: conftest trains a tokenizer and runs a parallel
+# batch at import, in every process that loads it. Each process and each forked test appends
+# what it is to a file, since xdist's workers and forked tests print nowhere we can read.
+XDIST_CONFTEST = """
+import json, os, sys
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+WORDS = ["fork", "pool", "thread", "worker", "model", "token", "hang", "rayon"]
+CORPUS = [" ".join(WORDS[(i + j) % 8] + str((i * j) % 97) for j in range(48)) for i in range(1500)]
+TOK = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+TOK.pre_tokenizer = pre_tokenizers.Whitespace()
+TOK.train_from_iterator(CORPUS, trainers.WordLevelTrainer(special_tokens=["[UNK]"]))
+TOK.encode_batch(CORPUS[:256])  # module level: runs in each process that loads this conftest
+
+
+def note(**fields):
+    with open(os.environ["TG_OUT"], "a") as out:
+        out.write(json.dumps(fields) + "\\n")
+
+
+def pytest_configure(config):
+    tg = sys.modules.get("tokguard")
+    note(
+        role=os.environ.get("PYTEST_XDIST_WORKER", "controller"),
+        pid=os.getpid(),
+        master=tg.master_mode().active,
+        parallelism=os.environ.get("TOKENIZERS_PARALLELISM"),
+    )
+"""
+
+XDIST_TESTS = """
+import os
+import pytest
+from conftest import CORPUS, TOK, note
+
+
+@pytest.mark.parametrize("i", range(4))
+def test_forked_child_tokenizes_in_parallel(i):
+    TOK.encode_batch(CORPUS)
+    note(role="test", pid=os.getpid(), parallelism=os.environ.get("TOKENIZERS_PARALLELISM"),
+         threads=len(os.listdir("/proc/self/task")))
+"""
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("-n", "2"), ("-n", "0", "--dist", "loadgroup")],
+    ids=["n2-controller-and-workers", "n0-in-process"],
+)
+def test_xdist_controller_is_not_a_master_its_forked_workers_are(
+    args: tuple[str, ...], tmp_path: Path
+) -> None:
+    """pytest -n 2 --forked: the controller starts its workers (a new interpreter each), so it
+    is no master and keeps its full speed; each worker forks every test, so it is one, and
+    the forked tests get TOKENIZERS_PARALLELISM=true back (rayon threads appear in them).
+    With -n 0 (a --dist left in the configuration included) the tests run in pytest's own
+    process, which is then the master."""
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("xdist")
+    pytest.importorskip("pytest_forked")
+    (tmp_path / "conftest.py").write_text(XDIST_CONFTEST)
+    (tmp_path / "test_forked_tokenizer.py").write_text(XDIST_TESTS)
+    out = tmp_path / "notes.jsonl"
+    argv = ["-p", "no:cacheprovider", "-q", "--forked", *args]
+    result = run_py(
+        f"import sys, pytest\nsys.exit(pytest.main({argv!r}))\n",
+        cwd=str(tmp_path),
+        env={"TOKENIZERS_PARALLELISM": "true", "TG_OUT": str(out)},
+        timeout=240,
+    )
+    assert result.returncode == 0, str(result)
+    notes = [json.loads(line) for line in out.read_text().splitlines()]
+    processes = [n for n in notes if n["role"] != "test"]
+    tests = [n for n in notes if n["role"] == "test"]
+    if args[1] == "2":
+        assert sorted(n["role"] for n in processes) == ["controller", "gw0", "gw1"], notes
+    else:
+        assert [n["role"] for n in processes] == ["controller"], notes
+    for process in processes:
+        is_master = process["role"] != "controller" or args[1] == "0"
+        assert process["master"] is is_master, notes
+        assert process["parallelism"] == ("false" if is_master else "true"), notes
+    assert len(tests) == 4, notes
+    assert {n["parallelism"] for n in tests} == {"true"}, notes
+    assert all(n["threads"] > 1 for n in tests), notes  # rayon ran in the forked test
+    assert WARNING not in result.stdout + result.stderr
+
+
 # --- doctor and check ----------------------------------------------------------------------
 
 TOKENIZER_APP = """
