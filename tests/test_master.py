@@ -996,7 +996,9 @@ except ImportError:
     pass
 else:
     # pytest-forked 1.7.5 cannot marshal pytest 9.2's reports (a NodeId in "_id");
-    # convert it the way pytest's own report serialisation does.
+    # convert it the way pytest's own report serialisation does. tokguard's plugin does
+    # this itself, but the control runs with -p no:tokguard: without this shim its forked
+    # tests all fail with "EXITED with status 3" instead of showing the hang (checked).
     _serialize = pytest_forked.serialize_report
 
     def _serialize_report(rep):
