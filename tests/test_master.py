@@ -612,9 +612,7 @@ def _celery_argv(pool: str | None, *extra: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def celery_worker(
-    pool: str | None, env: dict[str, str], log: Path, *extra: str
-) -> Iterator[None]:
+def celery_worker(pool: str | None, env: dict[str, str], log: Path, *extra: str) -> Iterator[None]:
     """A celery worker of master_celery; ready (or failed) within the boot deadline."""
     pytest.importorskip("celery")
     proc = _start(_celery_argv(pool, *extra), env, log)
@@ -761,7 +759,9 @@ def test_celery_workers_that_do_not_fork_are_not_masters(
 
 
 @contextlib.contextmanager
-def detached_celery_worker(env: dict[str, str], tmp: Path) -> Iterator[subprocess.CompletedProcess[str]]:
+def detached_celery_worker(
+    env: dict[str, str], tmp: Path
+) -> Iterator[subprocess.CompletedProcess[str]]:
     """``celery worker --detach``: the command returns once the worker is forked off and
     re-executed in a session of its own; the worker is stopped by its pidfile afterwards."""
     pytest.importorskip("celery")
@@ -769,8 +769,9 @@ def detached_celery_worker(env: dict[str, str], tmp: Path) -> Iterator[subproces
     argv = [*_celery_argv(None), "--detach", "-f", str(log), "--pidfile", str(pidfile)]
     try:
         detach = subprocess.run(
-            argv, cwd=APPS, env=env, capture_output=True, text=True, timeout=BOOT_DEADLINE
-        )
+            argv, check=False, cwd=APPS, env=env, capture_output=True, text=True,
+            timeout=BOOT_DEADLINE,
+        )  # fmt: skip
         deadline = time.monotonic() + BOOT_DEADLINE
         while "MAIN_PROCESS" not in (log.read_text() if log.exists() else ""):
             if time.monotonic() > deadline:
