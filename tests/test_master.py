@@ -721,8 +721,9 @@ def test_celery_prefork_children_run_at_full_speed(
         (None, "solo", True, (), "does not fork"),
         # The prefork pool with billiard's spawn: each child imports the app itself.
         (None, None, False, ("--pool-start-method", "spawn"), "with 'spawn'"),
+        ("gevent", None, False, (), "does not fork"),
     ],
-    ids=["P-solo", "P-threads", "configured-solo", "prefork-spawn"],
+    ids=["P-solo", "P-threads", "configured-solo", "prefork-spawn", "P-gevent"],
 )
 def test_celery_workers_that_do_not_fork_are_not_masters(
     pool: str | None,
@@ -733,9 +734,11 @@ def test_celery_workers_that_do_not_fork_are_not_masters(
     broker: str,
     tmp_path: Path,
 ) -> None:
-    """celery -P solo / -P threads / --pool-start-method spawn are never switched to
-    single-threaded; a pool chosen by the configuration is recognised when the worker
-    starts and the settings come back."""
+    """celery -P solo / -P threads / -P gevent / --pool-start-method spawn are never
+    switched to single-threaded; a pool chosen by the configuration is recognised when the
+    worker starts and the settings come back."""
+    if pool == "gevent":
+        pytest.importorskip("gevent")  # the clients group, 3.11 only
     env = _env(
         TOKGUARD_TEST_BROKER=broker,
         TOKGUARD_TEST_GUARD="1",
