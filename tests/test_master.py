@@ -922,7 +922,9 @@ def forkserver_imports_main(tmp: Path) -> bool:
     """Does this Python's forkserver import ``__main__`` before it forks? Asked, not version-sniffed.
 
     Where it does, ``__main__`` is imported in the server (a pid that is no worker's);
-    elsewhere (3.13.0, say) each worker imports it itself, after the fork.
+    elsewhere (3.13.0, say) each worker imports it itself, after the fork. Before 3.13.8
+    even ``set_forkserver_preload(["__main__"])`` does not make the server import it (it
+    looks for a ``main_path`` key the preparation data does not have; checked on 3.11).
     """
     result = run_py(PROBE_FORKSERVER_MAIN, path=tmp / "probe.py", timeout=60)
     assert result.returncode == 0, str(result)
