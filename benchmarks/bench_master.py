@@ -263,6 +263,9 @@ def main() -> None:
     )
     parser.add_argument("--warm-up-runs", type=int, default=5)
     args = parser.parse_args()
+    # Stopped with SIGTERM: the finally blocks still stop the gunicorn of the current run
+    # (it runs in a session of its own, so it would outlive this script).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     settings = {}
     if args.threads != "default":
         settings["OMP_NUM_THREADS"] = args.threads
