@@ -36,6 +36,10 @@ from conftest import run_py, values
 APPS = Path(__file__).parent / "apps"
 BOOT_DEADLINE = 180.0  # torch + transformers imports on a loaded 2-core machine
 WORKER_TIMEOUT = 5  # gunicorn --timeout: a hung worker is killed after this
+# The same for the servers that must answer: only a bound on a regression. An async worker
+# runs its heartbeat on the event loop that the blocking model calls hold: with 4 requests
+# queued on a loaded 2-core machine, 5 s went by without a hang (seen at load average 12-20).
+ANSWERING_WORKER_TIMEOUT = 60
 WARNING = "tokguard saw an unsafe fork"
 SWITCHES = "'auto', 'on', 'off'"
 
@@ -424,11 +428,13 @@ def server(argv: list[str], env: dict[str, str], log: Path) -> Iterator[str]:
         _stop_group(proc)
 
 
-def gunicorn(app: str, *, preload: bool, worker_class: str | None = None) -> list[str]:
+def gunicorn(
+    app: str, *, preload: bool, worker_class: str | None = None, timeout: int = WORKER_TIMEOUT
+) -> list[str]:
     pytest.importorskip("gunicorn")
     argv = [
         sys.executable, "-m", "gunicorn", "-w", "2", "-b", "127.0.0.1:{port}",
-        "--timeout", str(WORKER_TIMEOUT), "--graceful-timeout", "2", "--chdir", str(APPS),
+        "--timeout", str(timeout), "--graceful-timeout", "2", "--chdir", str(APPS),
     ]  # fmt: skip
     help_text = subprocess.run(
         [sys.executable, "-m", "gunicorn", "--help"],
@@ -543,12 +549,18 @@ def test_preloaded_gunicorn_workers_run_at_full_speed(
     request answered, each worker at the per-worker thread count with the user's
     TOKENIZERS_PARALLELISM, the master's warm-up single-threaded, no report."""
     log = tmp_path / "gunicorn.log"
-    argv = gunicorn("master_app_guarded:app", preload=True, worker_class=worker_class)
+    argv = gunicorn(
+        "master_app_guarded:app",
+        preload=True,
+        worker_class=worker_class,
+        timeout=ANSWERING_WORKER_TIMEOUT,
+    )
     if worker_class:
         argv[-1] = "master_app_guarded:asgi_app"
     env = _env(TOKGUARD_TEST_MODEL=cross_encoder_path, TOKENIZERS_PARALLELISM="true")
     with server(argv, env, log) as base, ThreadPoolExecutor(4) as pool:
-        answers = list(pool.map(lambda i: _get(f"{base}/q{i}", timeout=30), range(40)))
+        bound = ANSWERING_WORKER_TIMEOUT + 30
+        answers = list(pool.map(lambda i: _get(f"{base}/q{i}", timeout=bound), range(40)))
     text = log.read_text()
     assert all(a is not None for a in answers), text[-3000:]
     assert {a["torch_threads"] for a in answers if a} == {per_worker_threads}
