@@ -1,29 +1,37 @@
 """Full-speed workers: what master mode buys a preloading gunicorn, and what it costs the master.
 
-Part 1: one CrossEncoder app (tests/apps/master_app.py) under real ``gunicorn -w 2``, three ways:
+Part 1: one CrossEncoder app (tests/apps/master_app.py) under real ``gunicorn -w 2``:
 
 - (a) per-worker: no ``--preload``, no tokguard; each worker loads and warms its own model
   (full speed, no sharing: the reference);
-- (b) repair: ``--preload``, ``import tokguard`` first, ``TOKGUARD_MASTER=off``: the master's
-  warm-up starts torch's pool and every worker is repaired to one thread (tokguard 0.1);
 - (c) master: ``--preload``, ``import tokguard`` first, master mode (the default): the master
-  warms up single-threaded, the workers get the thread count back.
+  warms up single-threaded, the workers get the thread count back;
+- (b) repair, with ``--configs acb``: ``--preload``, ``import tokguard`` first,
+  ``TOKGUARD_MASTER=off``: the master's warm-up starts torch's pool and every worker is
+  repaired to one thread (tokguard 0.1).
 
-Throughput is requests per second from 2 concurrent clients (``--clients``), each request
-scoring a batch of pairs; memory is PSS (``/proc/PID/smaps_rollup``: shared pages split between their sharers)
-per worker after the load. The configurations run in alternating rounds; medians and the
-spread (min-max) are printed, since the machine may be shared.
+Built for a small shared machine, where other work comes and goes during a run: the
+configurations alternate (A C A C ...), each round sends the same number of requests from
+``--clients`` concurrent clients, and (c)/(a) is taken per round from the two neighbouring
+runs, so a load change hits both sides of a ratio alike. The summary gives the median and
+the spread (min-max) of those ratios, and CPU seconds per request (utime + stime of the
+workers over the round, from ``/proc``) as a second measure that waiting for the CPU does not
+inflate. All configurations get the same thread settings (``--threads``, ``OMP_NUM_THREADS``;
+``--tokenizers-parallelism``), so (c)'s workers should run exactly what (a)'s run: the
+threads seen in each worker are printed. Memory is PSS (``/proc/PID/smaps_rollup``: shared
+pages split between their sharers) per worker after the load.
 
 Part 2: the master's own cost, a CrossEncoder load + warm-up ``predict`` in fresh
 interpreters at one torch thread (what master mode does) and at torch's default.
 
-    python benchmarks/bench_master.py [--rounds 3] [--seconds 10] [--hidden 256] [--layers 4]
+    python benchmarks/bench_master.py [--rounds 5] [--requests 200] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import signal
 import statistics
@@ -43,17 +51,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lazy_server  # noqa: E402  - tests/apps: free_port, Server, pss_kib
 from bench_lazy import build_model, thread_speedup  # noqa: E402
 
-PARALLELISM: str | None = None  # --tokenizers-parallelism
 CONFIGS = {
     "a": ("(a) per-worker load, no preload", "master_app:app", False, {}),
     "b": ("(b) --preload + repair", "master_app_guarded:app", True, {"TOKGUARD_MASTER": "off"}),
     "c": ("(c) --preload + master mode", "master_app_guarded:app", True, {}),
 }
+TICK = os.sysconf("SC_CLK_TCK")
 
 
 @contextlib.contextmanager
 def gunicorn(
-    app: str, preload: bool, extra: dict[str, str], model: str
+    app: str, preload: bool, extra: dict[str, str], model: str, settings: dict[str, str]
 ) -> Iterator[lazy_server.Server]:
     port = lazy_server.free_port()
     env = {
@@ -63,8 +71,7 @@ def gunicorn(
         and k not in ("TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS")
     }
     env.update(HF_HUB_OFFLINE="1", TQDM_DISABLE="1", TOKGUARD_TEST_MODEL=model, **extra)
-    if PARALLELISM is not None:  # the same for all three: (a) has no tokguard default
-        env["TOKENIZERS_PARALLELISM"] = PARALLELISM
+    env.update(settings)  # the same thread settings for every configuration
     argv = [sys.executable, "-m", "gunicorn", "-w", "2", "-b", f"127.0.0.1:{port}"]
     argv += ["--timeout", "120", "--chdir", str(APPS), "--no-control-socket"]
     argv += ["--preload", app] if preload else [app]
@@ -92,43 +99,63 @@ def gunicorn(
         log.unlink()
 
 
-def load(server: lazy_server.Server, path: str, clients: int, seconds: float) -> float:
-    done = failed = 0
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of these processes (all their threads), in seconds."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat
+    return total / TICK
+
+
+def load(server: lazy_server.Server, path: str, clients: int, requests: int) -> tuple[float, int]:
+    """Send ``requests`` requests from ``clients`` threads; (seconds taken, requests failed)."""
+    tickets = itertools.count()
+    failed = 0
     lock = threading.Lock()
-    end = time.monotonic() + seconds
 
     def client() -> None:
-        nonlocal done, failed
-        while time.monotonic() < end:
-            ok = server.get(path, timeout=60.0) is not None
-            with lock:
-                done, failed = done + ok, failed + (not ok)
+        nonlocal failed
+        while next(tickets) < requests:
+            if server.get(path, timeout=120.0) is None:
+                with lock:
+                    failed += 1
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
     start = time.monotonic()
     for t in threads:
         t.start()
     for t in threads:
-        t.join(seconds + 120)
-    if failed:
-        print(f"  ({failed} requests failed)")
-    return done / (time.monotonic() - start)
+        t.join(requests * 120.0)
+    return time.monotonic() - start, failed
 
 
-def run_config(
-    key: str, model: str, batch: int, seconds: float, clients: int
-) -> tuple[float, float, set[int]]:
+class Run:
+    """One configuration, one round: the measures of its fixed batch of requests."""
+
+    def __init__(self, rate: float, cpu: float, pss: float, threads: set[int]) -> None:
+        self.rate, self.cpu, self.pss, self.threads = rate, cpu, pss, threads
+
+
+def run_config(key: str, model: str, args: argparse.Namespace, settings: dict[str, str]) -> Run:
     _, app, preload, extra = CONFIGS[key]
-    with gunicorn(app, preload, extra, model) as server:
+    path = f"/batch{args.batch}"
+    with gunicorn(app, preload, extra, model, settings) as server:
         for _ in range(6):  # every worker loaded and warm
-            server.get(f"/batch{batch}", timeout=120.0)
-        rate = load(server, f"/batch{batch}", clients, seconds)
+            server.get(path, timeout=120.0)
+        workers = server.workers()
+        before = cpu_seconds(workers)
+        seconds, failed = load(server, path, args.clients, args.requests)
+        cpu = cpu_seconds(workers) - before
+        if failed:
+            print(f"  ({failed} requests failed)")
         threads = {
             int(a["torch_threads"]) for a in (server.get("/settings") for _ in range(6)) if a
         }
-        workers = server.workers()
         pss = statistics.mean(lazy_server.pss_kib(pid) for pid in workers) / 1024
-    return rate, pss, threads
+    done = args.requests - failed
+    return Run(done / seconds, cpu / max(done, 1), pss, threads)
 
 
 WARM_UP = """
@@ -179,35 +206,81 @@ def _spread(values: list[float], fmt: str) -> str:
     return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
 
 
+def summary(args: argparse.Namespace, runs: dict[str, list[Run]]) -> None:
+    print(
+        "\n| configuration | req/s | CPU ms per request | PSS per worker MiB "
+        "| torch threads in workers |"
+    )
+    print("|---|---:|---:|---:|---:|")
+    for key in args.configs:
+        rates = [r.rate for r in runs[key]]
+        cpu = [r.cpu * 1000 for r in runs[key]]
+        pss = [r.pss for r in runs[key]]
+        threads = set().union(*(r.threads for r in runs[key]))
+        print(
+            f"| {CONFIGS[key][0]} | {_spread(rates, '.2f')} | {_spread(cpu, '.1f')} | "
+            f"{_spread(pss, '.0f')} | {','.join(map(str, sorted(threads)))} |"
+        )
+    print("median (min-max) over the rounds")
+    if "a" not in runs:
+        return
+    for key in args.configs:
+        if key == "a":
+            continue
+        pairs = list(zip(runs["a"], runs[key], strict=True))
+        rate = [r.rate / a.rate for a, r in pairs]
+        cpu = [a.cpu / r.cpu for a, r in pairs]  # > 1: fewer CPU seconds per request than (a)
+        print(
+            f"{key}/a per round: throughput {_spread(rate, '.2f')}x "
+            f"[{' '.join(f'{x:.2f}' for x in rate)}]; "
+            f"CPU per request (a)/({key}) {_spread(cpu, '.2f')}x "
+            f"[{' '.join(f'{x:.2f}' for x in cpu)}]"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=200, help="requests per round")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch", type=int, default=16, help="pairs scored per request")
-    parser.add_argument("--configs", default="abc")
+    parser.add_argument("--configs", default="ac", help="run in this order each round")
     parser.add_argument(
         "--clients", type=int, default=2, help="concurrent clients (2 keeps both workers busy)"
     )
-    parser.add_argument("--warm-up-runs", type=int, default=5)
+    parser.add_argument(
+        "--threads",
+        default="1",
+        help="OMP_NUM_THREADS for every configuration ('default': unset, torch picks); "
+        "1 keeps 2 workers x threads within 2 cores",
+    )
     parser.add_argument(
         "--tokenizers-parallelism",
-        default=None,
-        help="TOKENIZERS_PARALLELISM for all three (unset: (a) tokenizes in parallel, "
-        "(b) and (c) get tokguard's default 'false')",
+        default="false",
+        help="TOKENIZERS_PARALLELISM for every configuration ('unset': (a) tokenizes in "
+        "parallel, (b) and (c) get tokguard's default 'false')",
     )
+    parser.add_argument("--warm-up-runs", type=int, default=5)
     args = parser.parse_args()
-    global PARALLELISM
-    PARALLELISM = args.tokenizers_parallelism
+    # Stopped with SIGTERM: the finally blocks still stop the gunicorn of the current run
+    # (it runs in a session of its own, so it would outlive this script).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    settings = {}
+    if args.threads != "default":
+        settings["OMP_NUM_THREADS"] = args.threads
+    if args.tokenizers_parallelism != "unset":
+        settings["TOKENIZERS_PARALLELISM"] = args.tokenizers_parallelism
     with tempfile.TemporaryDirectory() as tmp:
         model = os.path.join(tmp, "model")
         params = build_model(model, args.hidden, args.layers)
         print(
             f"CrossEncoder: BERT hidden {args.hidden}, {args.layers} layers, "
             f"{params / 1e6:.1f} M parameters; {args.batch} pairs per request; gunicorn -w 2, "
-            f"{args.clients} client(s), {args.seconds:g} s per run; {os.cpu_count()} CPUs; "
-            f"TOKENIZERS_PARALLELISM={PARALLELISM or 'unset'}; "
+            f"{args.clients} client(s), {args.requests} requests per round, {args.rounds} rounds "
+            f"({' '.join(args.configs.upper())} ...); {os.cpu_count()} CPUs; "
+            f"OMP_NUM_THREADS={settings.get('OMP_NUM_THREADS', 'unset')}, "
+            f"TOKENIZERS_PARALLELISM={settings.get('TOKENIZERS_PARALLELISM', 'unset')}; "
             f"load average {os.getloadavg()[0]:.1f} at start"
         )
         one, two = thread_speedup(model, args.batch)
@@ -216,32 +289,21 @@ def main() -> None:
             f"torch thread, {two * 1000:.0f} ms at 2 ({one / two:.2f}x): what more threads per "
             "worker can give on this machine at this load"
         )
-        rates: dict[str, list[float]] = {k: [] for k in args.configs}
-        pss: dict[str, list[float]] = {k: [] for k in args.configs}
-        threads: dict[str, set[int]] = {k: set() for k in args.configs}
+        runs: dict[str, list[Run]] = {k: [] for k in args.configs}
         for round_ in range(args.rounds):
             for key in args.configs:
-                rate, mem, seen = run_config(key, model, args.batch, args.seconds, args.clients)
-                rates[key].append(rate)
-                pss[key].append(mem)
-                threads[key] |= seen
+                run = run_config(key, model, args, settings)
+                runs[key].append(run)
                 print(
-                    f"  round {round_ + 1} {CONFIGS[key][0]}: {rate:.2f} req/s, {mem:.0f} MiB PSS/worker"
+                    f"  round {round_ + 1} {CONFIGS[key][0]}: {run.rate:.2f} req/s, "
+                    f"{run.cpu * 1000:.1f} CPU ms/request, {run.pss:.0f} MiB PSS/worker, "
+                    f"torch threads {sorted(run.threads)}, load {os.getloadavg()[0]:.1f}",
+                    flush=True,
                 )
-        base = statistics.median(rates["a"]) if "a" in rates else None
-        print(
-            "\n| configuration | req/s, median (min-max) | vs (a) | PSS per worker MiB | torch threads in workers |"
-        )
-        print("|---|---:|---:|---:|---:|")
-        for key in args.configs:
-            median = statistics.median(rates[key])
-            ratio = f"{median / base:.2f}x" if base else "-"
-            print(
-                f"| {CONFIGS[key][0]} | {_spread(rates[key], '.2f')} | {ratio} | "
-                f"{_spread(pss[key], '.0f')} | {','.join(map(str, sorted(threads[key])))} |"
-            )
+        summary(args, runs)
         print(f"load average {os.getloadavg()[0]:.1f} at the end")
-        warm_up_cost(model, args.warm_up_runs)
+        if args.warm_up_runs:
+            warm_up_cost(model, args.warm_up_runs)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,10 @@ from conftest import run_py, values
 APPS = Path(__file__).parent / "apps"
 BOOT_DEADLINE = 180.0  # torch + transformers imports on a loaded 2-core machine
 WORKER_TIMEOUT = 5  # gunicorn --timeout: a hung worker is killed after this
+# The same for the servers that must answer: only a bound on a regression. An async worker
+# runs its heartbeat on the event loop that the blocking model calls hold: with 4 requests
+# queued on a loaded 2-core machine, 5 s went by without a hang (seen at load average 12-20).
+ANSWERING_WORKER_TIMEOUT = 60
 WARNING = "tokguard saw an unsafe fork"
 SWITCHES = "'auto', 'on', 'off'"
 
@@ -424,11 +428,13 @@ def server(argv: list[str], env: dict[str, str], log: Path) -> Iterator[str]:
         _stop_group(proc)
 
 
-def gunicorn(app: str, *, preload: bool, worker_class: str | None = None) -> list[str]:
+def gunicorn(
+    app: str, *, preload: bool, worker_class: str | None = None, timeout: int = WORKER_TIMEOUT
+) -> list[str]:
     pytest.importorskip("gunicorn")
     argv = [
         sys.executable, "-m", "gunicorn", "-w", "2", "-b", "127.0.0.1:{port}",
-        "--timeout", str(WORKER_TIMEOUT), "--graceful-timeout", "2", "--chdir", str(APPS),
+        "--timeout", str(timeout), "--graceful-timeout", "2", "--chdir", str(APPS),
     ]  # fmt: skip
     help_text = subprocess.run(
         [sys.executable, "-m", "gunicorn", "--help"],
@@ -543,12 +549,18 @@ def test_preloaded_gunicorn_workers_run_at_full_speed(
     request answered, each worker at the per-worker thread count with the user's
     TOKENIZERS_PARALLELISM, the master's warm-up single-threaded, no report."""
     log = tmp_path / "gunicorn.log"
-    argv = gunicorn("master_app_guarded:app", preload=True, worker_class=worker_class)
+    argv = gunicorn(
+        "master_app_guarded:app",
+        preload=True,
+        worker_class=worker_class,
+        timeout=ANSWERING_WORKER_TIMEOUT,
+    )
     if worker_class:
         argv[-1] = "master_app_guarded:asgi_app"
     env = _env(TOKGUARD_TEST_MODEL=cross_encoder_path, TOKENIZERS_PARALLELISM="true")
     with server(argv, env, log) as base, ThreadPoolExecutor(4) as pool:
-        answers = list(pool.map(lambda i: _get(f"{base}/q{i}", timeout=30), range(40)))
+        bound = ANSWERING_WORKER_TIMEOUT + 30
+        answers = list(pool.map(lambda i: _get(f"{base}/q{i}", timeout=bound), range(40)))
     text = log.read_text()
     assert all(a is not None for a in answers), text[-3000:]
     assert {a["torch_threads"] for a in answers if a} == {per_worker_threads}
@@ -605,17 +617,17 @@ def test_switched_off_keeps_todays_repair(cross_encoder_path: str, tmp_path: Pat
 # --- celery prefork on a real redis --------------------------------------------------------
 
 
-def _celery_argv(pool: str | None) -> list[str]:
+def _celery_argv(pool: str | None, *extra: str) -> list[str]:
     argv = [sys.executable, "-m", "celery", "-A", "master_celery", "worker", "-c", "2"]
     argv += ["--loglevel=INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"]
-    return argv + (["-P", pool] if pool else [])
+    return argv + (["-P", pool] if pool else []) + list(extra)
 
 
 @contextlib.contextmanager
-def celery_worker(pool: str | None, env: dict[str, str], log: Path) -> Iterator[None]:
+def celery_worker(pool: str | None, env: dict[str, str], log: Path, *extra: str) -> Iterator[None]:
     """A celery worker of master_celery; ready (or failed) within the boot deadline."""
     pytest.importorskip("celery")
-    proc = _start(_celery_argv(pool), env, log)
+    proc = _start(_celery_argv(pool, *extra), env, log)
     try:
         deadline = time.monotonic() + BOOT_DEADLINE
         while "MAIN_PROCESS" not in log.read_text():
@@ -712,21 +724,33 @@ def test_celery_prefork_children_run_at_full_speed(
 @pytest.mark.slow
 @pytest.mark.torch
 @pytest.mark.parametrize(
-    ("pool", "configured", "cold_import"),
+    ("pool", "configured", "cold_import", "extra", "why"),
     [
-        ("solo", None, False),
-        ("threads", None, False),
+        ("solo", None, False, (), "does not fork"),
+        ("threads", None, False, (), "does not fork"),
         # Only the app's configuration says solo: while the app module is imported nothing
         # else can tell, so that import is a master's; the worker undoes it when it starts.
-        (None, "solo", True),
+        (None, "solo", True, (), "does not fork"),
+        # The prefork pool with billiard's spawn: each child imports the app itself.
+        (None, None, False, ("--pool-start-method", "spawn"), "with 'spawn'"),
+        ("gevent", None, False, (), "does not fork"),
     ],
-    ids=["P-solo", "P-threads", "configured-solo"],
+    ids=["P-solo", "P-threads", "configured-solo", "prefork-spawn", "P-gevent"],
 )
 def test_celery_workers_that_do_not_fork_are_not_masters(
-    pool: str | None, configured: str | None, cold_import: bool, broker: str, tmp_path: Path
+    pool: str | None,
+    configured: str | None,
+    cold_import: bool,
+    extra: tuple[str, ...],
+    why: str,
+    broker: str,
+    tmp_path: Path,
 ) -> None:
-    """celery -P solo / -P threads are never switched to single-threaded; a pool chosen by
-    the configuration is recognised when the worker starts and the settings come back."""
+    """celery -P solo / -P threads / -P gevent / --pool-start-method spawn are never
+    switched to single-threaded; a pool chosen by the configuration is recognised when the
+    worker starts and the settings come back."""
+    if pool == "gevent":
+        pytest.importorskip("gevent")  # the clients group, 3.11 only
     env = _env(
         TOKGUARD_TEST_BROKER=broker,
         TOKGUARD_TEST_GUARD="1",
@@ -734,7 +758,7 @@ def test_celery_workers_that_do_not_fork_are_not_masters(
         TOKGUARD_TEST_POOL=configured,
     )
     log = tmp_path / "celery.log"
-    with celery_worker(pool, env, log):
+    with celery_worker(pool, env, log, *extra):
         answers = _tasks(env, 2, timeout=60, score=False)
     text = log.read_text()
     main = _main_process(text)
@@ -742,11 +766,69 @@ def test_celery_workers_that_do_not_fork_are_not_masters(
     default = torch_default()
     assert main["import_threads"] == ("1" if cold_import else str(default))
     assert main["torch_threads"] == str(default)
-    assert "does not fork" in main["reason"]
+    assert why in main["reason"], main
     assert len(answers) == 2, text[-3000:]
     assert {(a["torch_threads"], a["tokenizers_parallelism_c"]) for a in answers} == {
         (default, "true")
     }
+
+
+@contextlib.contextmanager
+def detached_celery_worker(
+    env: dict[str, str], tmp: Path
+) -> Iterator[subprocess.CompletedProcess[str]]:
+    """``celery worker --detach``: the command returns once the worker is forked off and
+    re-executed in a session of its own; the worker is stopped by its pidfile afterwards."""
+    pytest.importorskip("celery")
+    log, pidfile = tmp / "celery.log", tmp / "celery.pid"
+    argv = [*_celery_argv(None), "--detach", "-f", str(log), "--pidfile", str(pidfile)]
+    try:
+        detach = subprocess.run(
+            argv, check=False, cwd=APPS, env=env, capture_output=True, text=True,
+            timeout=BOOT_DEADLINE,
+        )  # fmt: skip
+        deadline = time.monotonic() + BOOT_DEADLINE
+        while "MAIN_PROCESS" not in (log.read_text() if log.exists() else ""):
+            if time.monotonic() > deadline:
+                pytest.fail(f"detached celery not ready:\n{detach}\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield detach
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(pidfile.read_text().strip())
+            os.kill(pid, signal.SIGTERM)
+            end = time.monotonic() + 15
+            while time.monotonic() < end and os.path.exists(f"/proc/{pid}"):
+                time.sleep(0.2)
+            os.kill(pid, signal.SIGKILL)  # its pool's children die with it (pdeathsig)
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_celery_detach_passes_the_users_settings_to_the_worker(
+    broker: str, cross_encoder_path: str, tmp_path: Path
+) -> None:
+    """celery worker --detach: the command imports the app (the warm-up), forks and the child
+    re-executes celery. The process that detaches is a master: its warm-up runs cold, nothing
+    is reported, and the re-executed worker gets the user's TOKENIZERS_PARALLELISM, not a
+    repaired one; its prefork children then run at full speed."""
+    env = _env(
+        TOKGUARD_TEST_BROKER=broker,
+        TOKGUARD_TEST_MODEL=cross_encoder_path,
+        TOKGUARD_TEST_GUARD="1",
+        TOKENIZERS_PARALLELISM="true",
+    )
+    with detached_celery_worker(env, tmp_path) as detach:
+        answers = _tasks(env, 4, timeout=60, score=True)
+    text = (tmp_path / "celery.log").read_text()
+    assert detach.returncode == 0, detach
+    assert len(answers) == 4, text[-3000:]
+    assert {(a["tokenizers_parallelism"], a["tokenizers_parallelism_c"]) for a in answers} == {
+        ("true", "true")
+    }
+    assert {a["torch_threads"] for a in answers} == {torch_default()}
+    assert _main_process(text)["master"] == "True", text[-3000:]  # the re-executed worker
+    assert WARNING not in detach.stderr + text
 
 
 # --- the multiprocessing forkserver ------------------------------------------------------
@@ -783,6 +865,143 @@ def test_forkserver_workers_run_at_full_speed(guard: bool, cross_encoder_path: s
     assert WARNING not in proc.stderr
 
 
+# The forkserver importing __main__ (CPython 3.13.8+ / 3.14.1+; torch-free, so it runs on
+# every interpreter of the matrix that has that forkserver): a main.py that trains a tokenizer
+# and runs a parallel batch at its top, then a forkserver Pool whose workers batch-encode.
+FORKSERVER_MAIN = """\
+{guard}import ctypes, json, multiprocessing, os, sys
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+WORDS = ["fork", "pool", "thread", "worker", "model", "token", "hang", "rayon"]
+CORPUS = [
+    " ".join(WORDS[(i + j) % 8] + str((i * j) % 97) for j in range(48)) for i in range(1500)
+]
+TOK = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+TOK.pre_tokenizer = pre_tokenizers.Whitespace()
+TOK.train_from_iterator(CORPUS, trainers.WordLevelTrainer(special_tokens=["[UNK]"]))
+TOK.encode_batch(CORPUS[:256])  # the warm-up: starts rayon's pool where parallelism is on
+IMPORTED_IN = os.getpid()
+if __name__ != "__main__":  # the forkserver preloading this module (or a worker importing it)
+    tg = sys.modules.get("tokguard")
+    print("IMPORTED pid=%d master=%s" % (os.getpid(), tg and tg.master_mode().active), flush=True)
+
+_getenv = ctypes.CDLL(None).getenv
+_getenv.restype = ctypes.c_char_p
+
+
+def work(i):
+    n = sum(len(e.ids) for e in TOK.encode_batch(CORPUS))  # parallel where the worker may
+    tg = sys.modules.get("tokguard")
+    raw = _getenv(b"TOKENIZERS_PARALLELISM")
+    return {{
+        "pid": os.getpid(),
+        "imported_in": IMPORTED_IN,
+        "threads": len(os.listdir("/proc/self/task")),  # rayon's threads, once it ran
+        "parallelism": os.environ.get("TOKENIZERS_PARALLELISM"),
+        "parallelism_c": None if raw is None else raw.decode(),
+        "master": tg and tg.master_mode().active,
+        "ids": n,
+    }}
+
+
+if __name__ == "__main__":
+    with multiprocessing.get_context("forkserver").Pool(2) as pool:
+        try:
+            found = pool.map_async(work, range(4), chunksize=1).get(float(os.environ["TG_BOUND"]))
+        except multiprocessing.TimeoutError:
+            print("HUNG", flush=True)
+        else:
+            print("DONE " + json.dumps(found), flush=True)
+"""
+
+PROBE_FORKSERVER_MAIN = """\
+import multiprocessing, os
+if __name__ != "__main__":
+    print("IMPORTED", os.getpid(), flush=True)
+
+
+def pid(_):
+    return os.getpid()
+
+
+if __name__ == "__main__":
+    with multiprocessing.get_context("forkserver").Pool(1) as pool:
+        print("WORKER", pool.map(pid, [0])[0], flush=True)
+"""
+
+
+def forkserver_imports_main(tmp: Path) -> bool:
+    """Does this Python's forkserver import ``__main__`` before it forks? Asked, not version-sniffed.
+
+    Where it does, ``__main__`` is imported in the server (a pid that is no worker's);
+    elsewhere (3.13.0, say) each worker imports it itself, after the fork. Before 3.13.8
+    even ``set_forkserver_preload(["__main__"])`` does not make the server import it (it
+    looks for a ``main_path`` key the preparation data does not have; checked on 3.11).
+    """
+    result = run_py(PROBE_FORKSERVER_MAIN, path=tmp / "probe.py", timeout=60)
+    assert result.returncode == 0, str(result)
+    words = [line.split() for line in result.stdout.splitlines()]
+    workers = {w[1] for w in words if w[0] == "WORKER"}
+    return any(w[0] == "IMPORTED" and w[1] not in workers for w in words)
+
+
+@pytest.mark.parametrize(
+    ("guard", "switch"),
+    [(False, None), (True, None), (True, "off")],
+    ids=["without-tokguard", "master-mode", "master-mode-off"],
+)
+def test_forkserver_importing_main_is_a_master_tokenizers_only(
+    guard: bool, switch: str | None, tmp_path: Path
+) -> None:
+    """A forkserver that imports main.py, whose top trains a tokenizer and runs a batch with
+    TOKENIZERS_PARALLELISM=true. Without tokguard the workers hang (seen by the deadline).
+    With `import tokguard` first the forkserver is a master: the workers complete, tokenize
+    in parallel (rayon threads appear) with the user's value back, and nothing is reported.
+    With master mode off they complete too, but repaired: serial, and the fork is reported."""
+    pytest.importorskip("tokenizers")
+    if not forkserver_imports_main(tmp_path):
+        pytest.skip(
+            "this Python's forkserver does not import __main__ (CPython 3.13.8+ and 3.14.1+ "
+            "do): each worker imports main.py itself, so no pool runs in the server"
+        )
+    script = tmp_path / "main.py"
+    line = "import tokguard  # first line\n" if guard else ""
+    result = run_py(
+        FORKSERVER_MAIN.format(guard=line),
+        path=script,
+        cwd=str(tmp_path),
+        env={
+            "TOKENIZERS_PARALLELISM": "true",
+            "TOKGUARD_MASTER": switch,
+            "TG_BOUND": "120" if guard else "10",  # the workers hang: this only bounds it
+        },
+        timeout=240,
+    )
+    if not guard:
+        assert "HUNG" in result.stdout.splitlines(), str(result)
+        return
+    assert result.returncode == 0, str(result)
+    done = [line for line in result.stdout.splitlines() if line.startswith("DONE ")]
+    assert done, str(result)
+    workers = json.loads(done[0][5:])
+    (server,) = [line for line in result.stdout.splitlines() if line.startswith("IMPORTED ")]
+    assert len(workers) == 4, str(result)
+    # Every worker was forked from the server that imported main.py, and is no master itself.
+    assert {w["imported_in"] for w in workers} == {int(server.split()[1].split("=")[1])}
+    assert all(w["pid"] != w["imported_in"] and w["master"] is False for w in workers)
+    assert len({w["ids"] for w in workers}) == 1
+    if switch is None:
+        assert server.endswith("master=True"), str(result)
+        assert {(w["parallelism"], w["parallelism_c"]) for w in workers} == {("true", "true")}
+        assert all(w["threads"] > 1 for w in workers), workers  # rayon ran in the worker
+        assert WARNING not in result.stderr, result.stderr
+    else:
+        assert server.endswith("master=False"), str(result)
+        assert {(w["parallelism"], w["parallelism_c"]) for w in workers} == {("false", "false")}
+        assert all(w["threads"] == 1 for w in workers), workers  # repaired: serial
+        assert result.stderr.count(WARNING) == 1, result.stderr  # the server's first fork
+
+
 # --- pytest --forked ---------------------------------------------------------------------
 
 FORKED_CONFTEST = """
@@ -795,7 +1014,9 @@ except ImportError:
     pass
 else:
     # pytest-forked 1.7.5 cannot marshal pytest 9.2's reports (a NodeId in "_id");
-    # convert it the way pytest's own report serialisation does.
+    # convert it the way pytest's own report serialisation does. tokguard's plugin does
+    # this itself, but the control runs with -p no:tokguard: without this shim its forked
+    # tests all fail with "EXITED with status 3" instead of showing the hang (checked).
     _serialize = pytest_forked.serialize_report
 
     def _serialize_report(rep):
@@ -896,6 +1117,94 @@ def test_pytest_without_forked_is_not_a_master(cross_encoder_path: str, tmp_path
     output, rc = _pytest(tmp_path, cross_encoder_path, timeout=240)
     assert rc == 0, output[-3000:]
     assert f"PYTEST_PROCESS master=False import_threads={torch_default()}" in output
+
+
+# pytest-xdist with --forked, tokenizers only: conftest trains a tokenizer and runs a parallel
+# batch at import, in every process that loads it. Each process and each forked test appends
+# what it is to a file, since xdist's workers and forked tests print nowhere we can read.
+XDIST_CONFTEST = """
+import json, os, sys
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+WORDS = ["fork", "pool", "thread", "worker", "model", "token", "hang", "rayon"]
+CORPUS = [" ".join(WORDS[(i + j) % 8] + str((i * j) % 97) for j in range(48)) for i in range(1500)]
+TOK = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+TOK.pre_tokenizer = pre_tokenizers.Whitespace()
+TOK.train_from_iterator(CORPUS, trainers.WordLevelTrainer(special_tokens=["[UNK]"]))
+TOK.encode_batch(CORPUS[:256])  # module level: runs in each process that loads this conftest
+
+
+def note(**fields):
+    with open(os.environ["TG_OUT"], "a") as out:
+        out.write(json.dumps(fields) + "\\n")
+
+
+def pytest_configure(config):
+    tg = sys.modules.get("tokguard")
+    note(
+        role=os.environ.get("PYTEST_XDIST_WORKER", "controller"),
+        pid=os.getpid(),
+        master=tg.master_mode().active,
+        parallelism=os.environ.get("TOKENIZERS_PARALLELISM"),
+    )
+"""
+
+XDIST_TESTS = """
+import os
+import pytest
+from conftest import CORPUS, TOK, note
+
+
+@pytest.mark.parametrize("i", range(4))
+def test_forked_child_tokenizes_in_parallel(i):
+    TOK.encode_batch(CORPUS)
+    note(role="test", pid=os.getpid(), parallelism=os.environ.get("TOKENIZERS_PARALLELISM"),
+         threads=len(os.listdir("/proc/self/task")))
+"""
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("-n", "2"), ("-n", "0", "--dist", "loadgroup")],
+    ids=["n2-controller-and-workers", "n0-in-process"],
+)
+def test_xdist_controller_is_not_a_master_its_forked_workers_are(
+    args: tuple[str, ...], tmp_path: Path
+) -> None:
+    """pytest -n 2 --forked: the controller starts its workers (a new interpreter each), so it
+    is no master and keeps its full speed; each worker forks every test, so it is one, and
+    the forked tests get TOKENIZERS_PARALLELISM=true back (rayon threads appear in them).
+    With -n 0 (a --dist left in the configuration included) the tests run in pytest's own
+    process, which is then the master."""
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("xdist")
+    pytest.importorskip("pytest_forked")
+    (tmp_path / "conftest.py").write_text(XDIST_CONFTEST)
+    (tmp_path / "test_forked_tokenizer.py").write_text(XDIST_TESTS)
+    out = tmp_path / "notes.jsonl"
+    argv = ["-p", "no:cacheprovider", "-q", "--forked", *args]
+    result = run_py(
+        f"import sys, pytest\nsys.exit(pytest.main({argv!r}))\n",
+        cwd=str(tmp_path),
+        env={"TOKENIZERS_PARALLELISM": "true", "TG_OUT": str(out)},
+        timeout=240,
+    )
+    assert result.returncode == 0, str(result)
+    notes = [json.loads(line) for line in out.read_text().splitlines()]
+    processes = [n for n in notes if n["role"] != "test"]
+    tests = [n for n in notes if n["role"] == "test"]
+    if args[1] == "2":
+        assert sorted(n["role"] for n in processes) == ["controller", "gw0", "gw1"], notes
+    else:
+        assert [n["role"] for n in processes] == ["controller"], notes
+    for process in processes:
+        is_master = process["role"] != "controller" or args[1] == "0"
+        assert process["master"] is is_master, notes
+        assert process["parallelism"] == ("false" if is_master else "true"), notes
+    assert len(tests) == 4, notes
+    assert {n["parallelism"] for n in tests} == {"true"}, notes
+    assert all(n["threads"] > 1 for n in tests), notes  # rayon ran in the forked test
+    assert WARNING not in result.stdout + result.stderr
 
 
 # --- doctor and check ----------------------------------------------------------------------

@@ -13,7 +13,8 @@ Recognised without configuration, only where the evidence is unambiguous: the ca
 (tokguard may be imported first, by a sitecustomize, or last):
 
 - gunicorn's arbiter loading the app in ``Arbiter.setup`` with ``preload_app`` on;
-- the main process of ``celery worker`` with the prefork pool and the fork start method;
+- the main process of ``celery worker`` with the prefork pool and the fork start method,
+  and the process of ``celery worker --detach`` (any pool), which forks and re-executes celery;
 - the ``multiprocessing`` forkserver process importing its preload modules (or ``__main__``);
 - pytest's own process under pytest-forked's ``--forked`` (the pytest plugin tells this
   module, from pytest's parsed options).
@@ -59,6 +60,10 @@ CELERY = "the main process of a celery prefork worker (it imports the tasks, the
 CELERY_MAYBE = (
     "a celery worker command, prefork pool unless its configuration picks another "
     "(checked when the worker starts)"
+)
+CELERY_DETACH = (
+    "celery worker --detach (it imports the app, then forks a child that re-executes celery "
+    "without --detach: that worker must get the user's settings, not repaired ones)"
 )
 FORKSERVER = "the multiprocessing forkserver process (it imports its preload modules, then forks)"
 PYTEST_FORKED = "pytest's own process under pytest-forked --forked (every test runs in a fork)"
@@ -227,7 +232,7 @@ def _celery_worker(local: dict[str, Any]) -> tuple[str, str]:
     options = local.get("kwargs") or {}
     pool = options.get("pool") or local.get("pool_cls")  # click names the -P option "pool"
     if options.get("detach"):
-        return "no", "celery worker --detach (the worker runs in a new process)"
+        return "master", CELERY_DETACH
     if not _is_prefork(pool):
         name = getattr(pool, "__module__", pool)
         return "no", f"a celery worker with a pool that does not fork ({name})"
@@ -269,7 +274,7 @@ def _celery_command(ctx: object) -> tuple[str | None, str]:
     argv = sys.argv[1:]
     args = argv[argv.index("worker") + 1 :] if "worker" in argv else []
     if "-D" in args or "--detach" in args:
-        return "no", "celery worker --detach (the worker runs in a new process)"
+        return "master", CELERY_DETACH
     pool = _option(args, "-P", "--pool") or os.environ.get("CELERY_WORKER_POOL")
     if pool and pool.lower() not in _PREFORK_POOLS:
         return "no", f"a celery worker with the {pool!r} pool (it does not fork workers)"

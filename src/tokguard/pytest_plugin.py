@@ -484,8 +484,11 @@ def _master_mode_under_forked(config: pytest.Config) -> None:
         switched_off = str(getattr(options, "tokguard", None)).strip().lower() == "off"
         if not getattr(options, "forked", False) or switched_off:
             return
+        # xdist's controller: workers asked for (-n 0 runs the tests here, whatever --dist
+        # says), or execnet gateways named with --tx.
+        workers = getattr(options, "numprocesses", None)
         if "PYTEST_XDIST_WORKER" not in os.environ and (
-            getattr(options, "numprocesses", None) or getattr(options, "dist", "no") != "no"
+            workers or (workers is None and getattr(options, "tx", None))
         ):
             return
         from . import _master
