@@ -18,12 +18,9 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,6 +29,7 @@ from typing import Any
 import pytest
 
 from conftest import run_py, values
+from net import free_port, get_json
 
 APPS = Path(__file__).parent / "apps"
 BOOT_DEADLINE = 180.0  # torch + transformers imports on a loaded 2-core machine
@@ -368,22 +366,6 @@ if __name__ == "__main__":
     }, str(result)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _get(url: str, timeout: float) -> dict[str, Any] | None:
-    """The JSON answer, or None when none came within ``timeout``."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            answer: dict[str, Any] = json.loads(response.read())
-            return answer
-    except (OSError, urllib.error.URLError, ValueError):
-        return None
-
-
 def _stop_group(proc: subprocess.Popen[bytes]) -> None:
     """SIGTERM, a bounded wait, then SIGKILL for the whole group (hung workers included)."""
     with contextlib.suppress(ProcessLookupError):
@@ -412,12 +394,12 @@ def _start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[
 @contextlib.contextmanager
 def server(argv: list[str], env: dict[str, str], log: Path) -> Iterator[str]:
     """Run an HTTP server command on a free port (``{port}`` in argv); yield its base URL."""
-    port = _free_port()
+    port = free_port()
     proc = _start([a.format(port=port) for a in argv], env, log)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + BOOT_DEADLINE
-        while _get(base + "/settings", timeout=2) is None:
+        while get_json(base + "/settings", timeout=2) is None:
             if proc.poll() is not None:
                 pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
             if time.monotonic() > deadline:
@@ -487,7 +469,7 @@ def test_servers_whose_workers_load_the_app_are_not_masters(
         pytest.importorskip("uvicorn")
     log = tmp_path / "server.log"
     with server(argv, _env(), log) as base:
-        answers = [_get(f"{base}/settings", timeout=30) for _ in range(6)]
+        answers = [get_json(f"{base}/settings", timeout=30) for _ in range(6)]
     text = log.read_text()
     lines = _import_lines(text)
     assert len(lines) == 2, text[-3000:]  # the two workers, not the master
@@ -510,7 +492,7 @@ def test_tokguard_imported_before_the_app_recognises_the_master_at_torchs_import
     argv = gunicorn("master_app:app", preload=False)
     argv[-1:-1] = ["-c", str(conf)]
     with server(argv, _env(), tmp_path / "gunicorn.log") as base:
-        answers = [_get(f"{base}/settings", timeout=30) for _ in range(4)]
+        answers = [get_json(f"{base}/settings", timeout=30) for _ in range(4)]
     assert all(a is not None for a in answers)
     assert {(a["import_threads"], a["torch_threads"]) for a in answers if a} == {
         (1, torch_default())
@@ -526,7 +508,7 @@ def per_worker_threads(cross_encoder_path: str, tmp_path_factory: pytest.TempPat
     log = tmp_path_factory.mktemp("baseline") / "gunicorn.log"
     argv = gunicorn("master_app:app", preload=False)
     with server(argv, _env(TOKGUARD_TEST_MODEL=cross_encoder_path), log) as base:
-        answer = _get(f"{base}/baseline", timeout=60)
+        answer = get_json(f"{base}/baseline", timeout=60)
     assert answer is not None, log.read_text()[-3000:]
     threads = int(answer["torch_threads"])
     assert answer["import_threads"] == threads
@@ -560,7 +542,7 @@ def test_preloaded_gunicorn_workers_run_at_full_speed(
     env = _env(TOKGUARD_TEST_MODEL=cross_encoder_path, TOKENIZERS_PARALLELISM="true")
     with server(argv, env, log) as base, ThreadPoolExecutor(4) as pool:
         bound = ANSWERING_WORKER_TIMEOUT + 30
-        answers = list(pool.map(lambda i: _get(f"{base}/q{i}", timeout=bound), range(40)))
+        answers = list(pool.map(lambda i: get_json(f"{base}/q{i}", timeout=bound), range(40)))
     text = log.read_text()
     assert all(a is not None for a in answers), text[-3000:]
     assert {a["torch_threads"] for a in answers if a} == {per_worker_threads}
@@ -588,7 +570,7 @@ def test_preloaded_gunicorn_hangs_without_tokguard(
         argv[-1] = "master_app:asgi_app"
     env = _env(TOKGUARD_TEST_MODEL=cross_encoder_path, TOKENIZERS_PARALLELISM="true")
     with server(argv, env, log) as base:
-        answers = [_get(f"{base}/q{i}", timeout=WORKER_TIMEOUT + 2) for i in range(3)]
+        answers = [get_json(f"{base}/q{i}", timeout=WORKER_TIMEOUT + 2) for i in range(3)]
         deadline = time.monotonic() + 3 * WORKER_TIMEOUT
         while "WORKER TIMEOUT" not in log.read_text() and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -605,7 +587,7 @@ def test_switched_off_keeps_todays_repair(cross_encoder_path: str, tmp_path: Pat
     argv = gunicorn("master_app_guarded:app", preload=True)
     env = _env(TOKGUARD_TEST_MODEL=cross_encoder_path, TOKGUARD_MASTER="off")
     with server(argv, env, log) as base:
-        answers = [_get(f"{base}/q{i}", timeout=30) for i in range(6)]
+        answers = [get_json(f"{base}/q{i}", timeout=30) for i in range(6)]
     text = log.read_text()
     assert all(a is not None and a["torch_threads"] == 1 for a in answers), text[-3000:]
     assert text.count(WARNING) == 1, text[-3000:]

@@ -22,7 +22,7 @@ pytest_plugins = ["pytester"]
 _spec = importlib.util.find_spec("tokguard")
 assert _spec is not None
 assert _spec.submodule_search_locations is not None
-LAB = os.path.join(next(iter(_spec.submodule_search_locations)), "_lab", "models.py")
+LAB = os.path.join(next(iter(_spec.submodule_search_locations)), "_lab", "standalone.py")
 RUN_TIMEOUT = 180  # backstop for one inner session; the inner watchdogs fire long before
 WATCHDOG = 10  # seconds a forked child may take before the inner test calls it hung
 CHOICES = "'fail', 'warn', 'raise', 'off'"
@@ -33,9 +33,8 @@ CONFTEST = """
 import importlib.util, os, sys
 import pytest
 
-spec = importlib.util.spec_from_file_location("tg_lab", os.environ["TG_LAB"])
-lab = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(lab)
+import runpy
+lab = runpy.run_path(os.environ["TG_LAB"])["load"]()
 TEXTS = lab.corpus(200)
 
 try:
