@@ -49,14 +49,20 @@ def _interpreters() -> Path:
     """
     folder = ROOT / ".nox" / "pythons"
     folder.mkdir(parents=True, exist_ok=True)
-    for link in folder.iterdir():
-        link.unlink()
     pyenv = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv") / "versions"
     for version in ["3.11", *OTHERS, *FREE_THREADED]:
+        link = folder / f"python{version}"
         found = sorted(CACHE.glob(f"{version}/bin/python{version}"))
         found += sorted(pyenv.glob(f"{version}.*/bin/python{version}"), reverse=True)
-        if found:
-            (folder / f"python{version}").symlink_to(found[0])
+        if not found:
+            link.unlink(missing_ok=True)
+            continue
+        # Made aside and renamed over: `scripts/test` runs two nox processes at once, and
+        # each must always see a complete link.
+        new = folder / f".python{version}.{os.getpid()}"
+        new.unlink(missing_ok=True)
+        new.symlink_to(found[0])
+        new.replace(link)
     return folder
 
 
