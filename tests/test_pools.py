@@ -6,10 +6,12 @@ from conftest import run_py, values
 
 
 def test_registry_lists_every_pool_once_and_names_the_choices() -> None:
-    """ALL is the one list; get() and register() name the known ids when given a bad one."""
+    """ALL is the one list (of the pools whose library is imported); known() loads the rest;
+    get() and register() name the known ids when given a bad one."""
     code = """
     from tokguard import pools
-    print("IDS=%s" % ",".join(p.id for p in pools.ALL))
+    print("LOADED=%s" % ",".join(p.id for p in pools.ALL))
+    print("IDS=%s" % ",".join(p.id for p in pools.known()))
     try:
         pools.get("rayon")
     except ValueError as exc:
@@ -24,10 +26,12 @@ def test_registry_lists_every_pool_once_and_names_the_choices() -> None:
     assert result.returncode == 0, str(result)
     got = values(result)
     ids = "tokenizers-rayon,tokenizers-tokio,torch-openmp,openmp,torch-cuda,polars"
+    # Nothing imported but tokguard: only the pool no library import announces is loaded.
+    assert got["LOADED"] == "openmp"
     assert got["IDS"] == ids
     assert got["GET"] == f"unknown pool 'rayon'; known pools are {ids.replace(',', ', ')}"
     assert got["REGISTER"].startswith("tokguard.pools.register(<tokguard pool 'polars'>)")
-    assert got["FIRST_USES"] == repr((None,) * 6)
+    assert got["FIRST_USES"] == repr(dict.fromkeys(ids.split(","))), got
 
 
 def test_cuda_hazard_says_the_child_fails_not_hangs() -> None:

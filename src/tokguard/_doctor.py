@@ -177,7 +177,7 @@ def collect(import_libraries: bool = True) -> dict[str, Any]:
         }
     )
     info["hazards"] = [_report.hazard_dict(h) for h in hazards]
-    info["pools"] = [pool.id for pool in pools.ALL]
+    info["pools"] = [pool.id for pool in pools.known()]
     info["uwsgi"] = _uwsgi.status()
     info["advice"] = advice(info)
     return info

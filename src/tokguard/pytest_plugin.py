@@ -26,7 +26,6 @@ import pytest
 
 from . import _config, _fork, _report
 from ._report import ForkReport, subscribe
-from .pools import ALL as POOLS
 from .pools import first_uses as _first_uses
 
 TYPE_CHECKING = False
@@ -332,10 +331,11 @@ class TokguardPlugin:
 
     # --- pytest's side ------------------------------------------------------------------
 
-    def note_origins(self, before: tuple[str | None, ...], where: str) -> None:
-        for pool, old, new in zip(POOLS, before, _first_uses(), strict=False):
-            if old is None and new is not None:
-                self.origins.setdefault(pool.id, where)
+    def note_origins(self, before: dict[str, str | None], where: str) -> None:
+        # A pool registered meanwhile (its library imported by this fixture) is new here too.
+        for pool_id, new in _first_uses().items():
+            if new is not None and before.get(pool_id) is None:
+                self.origins.setdefault(pool_id, where)
 
     @pytest.hookimpl(hookwrapper=True, tryfirst=True)
     def pytest_runtest_protocol(self, item: pytest.Item) -> Generator[None, None, None]:

@@ -4,15 +4,18 @@ A pool is everything tokguard knows about one library's threads: which imports l
 watch the library (``triggers``), the first use it records, how it tells that the pool runs
 now (``detect``), what a forked child needs (``repair_child``), and the words the reports and
 docs use. Generic code (the fork hooks, ``hazards()``, ``check``, ``doctor``, the pytest
-plugin) only loops over ``ALL``; adding a pool is one module and one line at the bottom of
-this file (docs/how-it-works.md, "Architecture", has polars as the worked example).
+plugin) only loops over ``ALL``; adding a pool is one module and one line in ``REGISTRY``
+at the bottom of this file (docs/how-it-works.md, "Architecture", has polars as the worked example).
 
-Like threadpoolctl's controllers, a pool's module imports nothing heavy: every pool module
-is loaded at ``import tokguard``, and the library it watches is never imported by tokguard.
+Like threadpoolctl's controllers, a pool's module imports nothing heavy, and the library it
+watches is never imported by tokguard. A pool's module is itself imported only once that
+library is (``REGISTRY`` says which): ``ALL`` holds the pools that can be running in this
+process, so a process that never imports torch pays nothing for torch's pools.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from .. import _threads
@@ -45,6 +48,9 @@ class Pool:
     """What ``single_threaded()`` and master mode do for it, in words; None: nothing."""
     description = ""
     """One paragraph for docs and ``doctor``: what the pool is and how it is found."""
+    covered_by: tuple[tuple[str, str, str], ...] = ()
+    """Forking libraries that make this pool safe in their own children: (module name prefix
+    on the fork's stack, the library in words, how). Such forks are not reported for it."""
 
     def __init__(self) -> None:
         self.first_use: str | None = None
@@ -73,38 +79,57 @@ _by_id: dict[str, Pool] = {}
 _installed = False
 
 
-def register(pool: Pool) -> Pool:
-    """Add a pool to the registry (and instrument it at once where tokguard is installed)."""
+_order: dict[str, int] = {}  # pool id -> place in reports (the registry's order first)
+_present_at_install: frozenset[str] = frozenset()  # triggers imported before tokguard
+
+
+def register(pool: Pool, triggers: tuple[str, ...] | None = None) -> Pool:
+    """Add a pool (instrumented at once where tokguard is installed); ``triggers``: the
+    modules whose import lets it watch its library, where the class does not name them."""
     if not pool.id or pool.id in _by_id:
         raise ValueError(
             f"tokguard.pools.register({pool!r}): the id must be new and not empty; "
             f"taken: {', '.join(_by_id)}"
         )
-    ALL.append(pool)
+    if triggers is not None:
+        pool.triggers = triggers
     _by_id[pool.id] = pool
+    _order.setdefault(pool.id, len(REGISTRY) + len(_order))
+    ALL.append(pool)
+    ALL.sort(key=lambda p: _order[p.id])
     if _installed:
         _instrument_pool(pool)
     return pool
+
+
+def known() -> list[Pool]:
+    """Every pool tokguard knows, including those whose library this process never imported."""
+    for name, triggers in REGISTRY:
+        _load(name, triggers)
+    return list(ALL)
 
 
 def get(pool_id: str) -> Pool:
     """The pool with this id; a ValueError naming the known ids otherwise."""
     pool = _by_id.get(pool_id)
     if pool is None:
-        raise ValueError(f"unknown pool {pool_id!r}; known pools are {', '.join(_by_id)}")
+        ids = ", ".join(p.id for p in known())
+        pool = _by_id.get(pool_id)
+        if pool is None:
+            raise ValueError(f"unknown pool {pool_id!r}; known pools are {ids}")
     return pool
 
 
-def first_uses() -> tuple[str | None, ...]:
-    """Each pool's recorded first use, in the order of ``ALL`` (the pytest plugin diffs these)."""
-    return tuple([pool.first_use for pool in ALL])
+def first_uses() -> dict[str, str | None]:
+    """Each pool's recorded first use, by pool id (the pytest plugin diffs these)."""
+    return {pool.id: pool.first_use for pool in ALL}
 
 
 def _instrument_pool(pool: Pool) -> None:
     from .. import _instrument
 
     for name in pool.triggers:
-        late = name in sys.modules
+        late = name in _present_at_install
 
         def hook(module: ModuleType, pool: Pool = pool, late: bool = late) -> None:
             pool.instrument(module, late)
@@ -112,14 +137,43 @@ def _instrument_pool(pool: Pool) -> None:
         _instrument.when_imported(name, hook)
 
 
+def _load(name: str, triggers: tuple[str, ...]) -> None:
+    """Import a registered pool's module and register its pool (once)."""
+    module = sys.modules.get(f"{__name__}.{name}")
+    if module is None:
+        __import__(f"{__name__}.{name}")
+        module = sys.modules[f"{__name__}.{name}"]
+    pool: Pool = module.POOL
+    if pool.id not in _by_id:
+        _order[pool.id] = next(i for i, (n, _) in enumerate(REGISTRY) if n == name)
+        register(pool, triggers)
+
+
 def install() -> None:
-    """Instrument every pool now or when its library gets imported (import time)."""
-    global _installed
+    """Load and instrument each pool now, or when the library it watches gets imported."""
+    global _installed, _present_at_install
     if _installed:
         return
     _installed = True
-    for pool in ALL:
+    _present_at_install = frozenset(t for _, ts in REGISTRY for t in ts if t in sys.modules)
+    for pool in list(ALL):  # registered before install (a library's own pool)
         _instrument_pool(pool)
+    from .. import _instrument
+
+    for name, triggers in REGISTRY:
+        if not triggers or any(t in sys.modules for t in triggers):
+            _load(name, triggers)
+            continue
+        for trigger in triggers:
+            # Loaded with its library; the load instruments it (when_imported runs at once).
+            _instrument.when_imported(trigger, _loader(name, triggers))
+
+
+def _loader(name: str, triggers: tuple[str, ...]) -> Callable[[ModuleType], None]:
+    def load(module: ModuleType) -> None:
+        _load(name, triggers)
+
+    return load
 
 
 def assess() -> tuple[list[Hazard], _threads.Census | None]:
@@ -174,8 +228,21 @@ def wraps(method: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callable
     return functools.wraps(method)
 
 
-# The registry: the only list of pools. Order is the order of reports.
-from . import openmp, polars, tokenizers_rayon, tokenizers_tokio, torch_cuda, torch_openmp  # noqa: E402
+def torch_dir() -> str | None:
+    """torch's package directory (with a trailing separator), where torch is imported."""
+    torch = sys.modules.get("torch")
+    path = getattr(torch, "__file__", None)
+    return os.path.dirname(path) + os.sep if path else None
 
-for _module in (tokenizers_rayon, tokenizers_tokio, torch_openmp, openmp, torch_cuda, polars):
-    register(_module.POOL)
+
+# The registry: the only list of pools, in the order reports list them, each with the
+# modules whose import lets tokguard watch it and loads its module (none: loaded at once,
+# as any library may bring GNU OpenMP). Each module costs about 0.1 ms of `import tokguard`.
+REGISTRY: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("tokenizers_rayon", ("tokenizers",)),
+    ("tokenizers_tokio", ("tokenizers",)),
+    ("torch_openmp", ("torch",)),
+    ("openmp", ()),
+    ("torch_cuda", ("torch",)),
+    ("polars", ("polars",)),
+)

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import os
 
-from . import Pool
-from .torch_openmp import torch_dir
+from . import Pool, torch_dir
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

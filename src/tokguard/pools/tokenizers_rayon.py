@@ -40,9 +40,11 @@ MESSAGE = (
 class TokenizersRayon(Pool):
     id = "tokenizers-rayon"
     title = "tokenizers parallel pool (rayon)"
-    triggers = ("tokenizers",)
     repair = f"{_env.PARALLELISM_VAR}=false in the child: it tokenizes serially, the parent keeps its value"
     kept_cold = f"{_env.PARALLELISM_VAR}=false while cold, the previous value put back after"
+    covered_by = (
+        ("datasets.", "datasets", "it sets TOKENIZERS_PARALLELISM=false before forking its pool"),
+    )
     description = (
         "Started by a batch call (encode_batch, decode_batch, train, a padded encode) while "
         f"{_env.PARALLELISM_VAR} is true. Found by the instrumentation's record of such a call."

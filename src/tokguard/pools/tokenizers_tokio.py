@@ -34,7 +34,6 @@ MESSAGE = (
 class TokenizersTokio(Pool):
     id = "tokenizers-tokio"
     title = "tokenizers async runtime (tokio)"
-    triggers = ("tokenizers",)
     repair = (
         "async_* calls in the child raise UnsafeForkError instead of hanging; "
         "the synchronous calls keep working"

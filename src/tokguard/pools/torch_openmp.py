@@ -6,11 +6,10 @@ instrumentation only names the model call or matmul that first ran torch multi-t
 
 from __future__ import annotations
 
-import os
 import sys
 
 from .. import _sites, _threads
-from . import UNRECORDED, Pool, block_restores, wraps
+from . import UNRECORDED, Pool, block_restores, torch_dir, wraps
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -38,13 +37,6 @@ THREADS_MESSAGE = (
 _restores: list[Callable[[], None]] = []  # put back what instrument replaced
 
 
-def torch_dir() -> str | None:
-    """torch's package directory (with a trailing separator), where torch is imported."""
-    torch = sys.modules.get("torch")
-    path = getattr(torch, "__file__", None)
-    return os.path.dirname(path) + os.sep if path else None
-
-
 def _torch_threads() -> int:
     torch = sys.modules.get("torch")
     get = getattr(torch, "get_num_threads", None)
@@ -54,9 +46,15 @@ def _torch_threads() -> int:
 class TorchOpenMP(Pool):
     id = "torch-openmp"
     title = "torch intra-op pool (GNU OpenMP)"
-    triggers = ("torch",)
     repair = "torch.set_num_threads(1) in the child: it runs torch single-threaded"
     kept_cold = "torch.set_num_threads(1) while cold, the previous count put back after"
+    covered_by = (
+        (
+            "torch.utils.data.dataloader",
+            "torch's DataLoader",
+            "its workers call torch.set_num_threads(1) before your code runs",
+        ),
+    )
     description = (
         "Started by the first parallel tensor op while torch.get_num_threads() > 1. Found by "
         "the census: worker threads waiting inside torch's libgomp."
