@@ -1,6 +1,6 @@
 """What the guard costs: import, per fork, per tokenizers call; and what parallelism is worth.
 
-Run: ``HF_HUB_OFFLINE=1 python benchmarks/bench_guard.py [--quick]``
+Run: ``HF_HUB_OFFLINE=1 python benchmarks/bench_guard.py [--quick] [--baseline OTHER/src]``
 
 Prints one table; every guarded figure sits next to its unguarded baseline measured in the
 same run, with the ratio. Each baseline is measured in a fresh interpreter that never
@@ -8,9 +8,10 @@ imports tokguard (the helpers are loaded by file path), or on the original metho
 wrapper keeps as ``__wrapped__``. Measurements of a pair are interleaved, so load from other
 processes on the machine hits both sides alike; medians are reported.
 
-Targets (issue 2): import adds at most 5 ms; the wrapper adds at most 3 % to a short
-``encode`` and 1 % to an ``encode_batch`` of 64 texts; the before-fork judgement with
-nothing active stays below 30 us.
+Targets: ``import tokguard`` at most 3 ms (timed in-process, bytecode cached); the
+before-fork judgement at most 10 us with nothing active and 30 us with torch imported and
+idle; at most +3 % on a short ``encode``, +2 % on a padded one (three words, length 16), and
++1 % on an ``encode_batch`` of 64 texts.
 """
 
 from __future__ import annotations
@@ -73,6 +74,48 @@ def bench_import(reps: int) -> None:
     b, g = statistics.median(bare) * 1e3, statistics.median(guarded) * 1e3
     add("interpreter start: `python -c pass` vs `import tokguard`", b, g, "ms")
     rows[-1] = (*rows[-1][:4], f"+{g - b:.2f} ms (target <= 5 ms)")
+
+
+IMPORT_TIMER = (
+    "import time\nstart = time.perf_counter()\nimport tokguard\n"
+    "print((time.perf_counter() - start) * 1e3)"
+)
+
+
+def bench_import_in_process(reps: int, baseline: str | None) -> None:
+    """``import tokguard`` timed inside fresh interpreters, as the import budget counts it.
+
+    Interpreter start-up swings by more than the whole import, so the difference of two
+    start-up times says little; timing the import statement itself does. ``baseline``: the
+    ``src`` folder of another checkout, measured alternately with this one.
+    """
+
+    def once(path: str | None) -> float:
+        env = dict(ENV, PYTHONPATH=path) if path else ENV
+        out = subprocess.run(
+            [sys.executable, "-c", IMPORT_TIMER],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        ).stdout
+        return float(out.split()[-1])
+
+    sides = [None, baseline] if baseline else [None]
+    for path in sides:
+        once(path)  # writes any stale bytecode cache once
+    times: dict[str | None, list[float]] = {path: [] for path in sides}
+    for _ in range(reps):
+        for path in sides:
+            times[path].append(once(path))
+    now = statistics.median(times[None])
+    note = f"min {min(times[None]):.2f} ms, median of {reps} (target <= 3 ms)"
+    if baseline:
+        before = statistics.median(times[baseline])
+        add("`import tokguard` in-process: --baseline vs this tree", before, now, "ms", note)
+    else:
+        add_plain("`import tokguard` in-process", f"{now:.3f} ms", note)
 
 
 def import_self_time() -> float:
@@ -146,7 +189,7 @@ def bench_fork(forks: int) -> None:
         add_plain(
             f"  judgement alone (pools.assess / _fork._judge), {label}",
             f"{guarded['assess_us']:.2f} / {guarded['judge_us']:.2f} us",
-            "target < 30 us",
+            f"target <= {30 if torch_idle else 10} us",
         )
 
 
@@ -231,6 +274,11 @@ def bench_tokenizers(quick: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument(
+        "--baseline",
+        metavar="SRC",
+        help="the src folder of another tokguard checkout: its import is timed alongside",
+    )
     parser.add_argument("--worker", choices=["fork", "tokenizers"], help=argparse.SUPPRESS)
     parser.add_argument("--guard", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--torch", action="store_true", help=argparse.SUPPRESS)
@@ -244,6 +292,7 @@ def main() -> None:
         return
 
     bench_import(10 if args.quick else 40)
+    bench_import_in_process(20 if args.quick else 60, args.baseline)
     add_plain("  tokguard's own import time (-X importtime)", f"{import_self_time():.2f} ms")
     bench_fork(100 if args.quick else 400)
     bench_tokenizers(args.quick)

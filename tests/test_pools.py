@@ -97,3 +97,32 @@ def test_fork_hooks_run_in_stage_order_not_registration_order() -> None:
         "_fork.at_fork(stage='repairs'): valid stages are "
         "'master', 'single_threaded', 'lazy', 'pytest'"
     )
+
+
+def test_census_counts_threads_from_one_stat_and_checks_that_first() -> None:
+    """With only the calling thread, the census comes from the task directory's link count;
+    any other thread (here one Python's threading does not know: native for tokguard) takes
+    the full listing. A /proc whose link count does not count threads turns the shortcut off."""
+    code = """
+    import _thread, os, time
+    from tokguard import _threads
+    alone = _threads.census()
+    print("ALONE=%s" % ((alone.os_threads, alone.native_threads, _threads._count_by_links),))
+    _thread.start_new_thread(time.sleep, (60,))
+    time.sleep(0.2)
+    other = _threads.census()
+    print("OTHER=%s" % ((other.os_threads, other.native_threads),))
+    real_stat = os.stat
+    class Uncounted:
+        st_nlink = 2
+    os.stat = lambda path, *a, **k: Uncounted() if path.endswith("/task") else real_stat(path)
+    _threads._count_by_links = None
+    fallback = _threads.census()
+    print("FALLBACK=%s" % ((fallback.os_threads, _threads._count_by_links),))
+    """
+    result = run_py(code, guard=True)
+    assert result.returncode == 0, str(result)
+    got = values(result)
+    assert got["ALONE"] == "(1, 0, True)"
+    assert got["OTHER"] == "(2, 1)"
+    assert got["FALLBACK"] == "(2, False)"

@@ -80,6 +80,80 @@ def test_padding_is_seen_through_every_way_it_is_switched_on() -> None:
     assert (got["LOADED"], got["COPIED"], got["UNPICKLED"]) == ("True", "True", "True")
 
 
+def test_padded_encode_is_watched_only_while_it_could_start_the_pool() -> None:
+    """encode stays the original method while parallelism is off, even with padding on.
+
+    It is wrapped when parallelism is switched on from Python (os.environ or os.putenv),
+    and unwrapped again once a first use is recorded or parallelism is off. Run under
+    ``-bb``: the watcher compares the bytes names os.environ passes without a BytesWarning.
+    """
+    code = """
+    import os
+    from tokenizers import Tokenizer
+    from tokguard.pools import tokenizers_rayon
+    def wrapped():
+        return hasattr(Tokenizer.encode, "__tokguard_wrapped__")
+    tok = _lab.train_tokenizer()
+    tok.enable_padding(length=16)
+    print("OFF=%s" % wrapped())
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    print("ENVIRON_ON=%s" % wrapped())
+    os.putenv("TOKENIZERS_PARALLELISM", "0")
+    print("PUTENV_OFF=%s" % wrapped())
+    os.putenv("TOKENIZERS_PARALLELISM", "1")
+    print("PUTENV_ON=%s" % wrapped())
+    tok.encode("a b")
+    print("RECORDED=%s" % ((tokenizers_rayon.POOL.first_use is not None, wrapped()),))
+    tokenizers_rayon.POOL.first_use = None
+    print("FORGOTTEN=%s" % wrapped())
+    del os.environ["TOKENIZERS_PARALLELISM"]  # unset counts as parallel for tokenizers
+    print("UNSET=%s" % wrapped())
+    print("C_VALUE=%s" % tokguard._env.c_getenv("TOKENIZERS_PARALLELISM"))
+    print("NAMES=%s" % ((os.putenv.__name__, os.unsetenv.__name__),))
+    """
+    result = run_py(code, guard=True, args=("-bb",))
+    assert result.returncode == 0, str(result)
+    got = values(result)
+    assert got["OFF"] == "False"  # tokguard's default is false: a padded encode costs nothing
+    assert got["ENVIRON_ON"] == "True"
+    assert got["PUTENV_OFF"] == "False"
+    assert got["PUTENV_ON"] == "True"
+    assert got["RECORDED"] == "(True, False)"
+    assert got["FORGOTTEN"] == "True"
+    assert got["UNSET"] == "True"
+    assert got["C_VALUE"] == "None"  # the user's own changes still reach the C environment
+    assert got["NAMES"] == "('putenv', 'unsetenv')"
+
+
+def test_parallelism_set_by_c_code_is_caught_at_the_fork() -> None:
+    """A value set behind Python's back (here through libc) is not heard of; the fork is.
+
+    A tokenizer pads and parallelism is on without tokguard having watched encode, so a
+    padded encode may have started the pool: the hazard says so, and nothing is reported
+    where no tokenizer pads.
+    """
+    code = """
+    import ctypes
+    libc = ctypes.CDLL(None)
+    tok = _lab.train_tokenizer()
+    libc.setenv(b"TOKENIZERS_PARALLELISM", b"true", 1)
+    print("UNPADDED=%s" % [h.pool for h in tokguard.hazards()])
+    libc.setenv(b"TOKENIZERS_PARALLELISM", b"false", 1)
+    tok.enable_padding()  # parallelism off: encode is not watched
+    libc.setenv(b"TOKENIZERS_PARALLELISM", b"true", 1)
+    tok.encode("a b")
+    found = tokguard.hazards()
+    print("PADDED=%s" % [h.pool for h in found])
+    print("EVIDENCE=%s" % found[0].evidence)
+    """
+    result = run_py(code, guard=True)
+    assert result.returncode == 0, str(result)
+    got = values(result)
+    assert got["UNPADDED"] == "[]"
+    assert got["PADDED"] == "['tokenizers-rayon']"
+    assert "could not see" in got["EVIDENCE"]
+
+
 def test_rayon_hazard_follows_the_c_environment() -> None:
     """The rayon hazard reads TOKENIZERS_PARALLELISM from the C env, as tokenizers does."""
     code = """

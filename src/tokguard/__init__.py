@@ -15,12 +15,12 @@ It imports nothing heavy: the import budget is a few milliseconds, because the p
 plugin loads this package in every test session of every project that installs it.
 """
 
-from __future__ import annotations
+import os
+import sys
 
-from . import _config, _env, _fork, _instrument, _master, _report, _uwsgi
+from . import _config, _env, _fork, _instrument, _master
 from ._config import configure, current_mode
 from ._master import master_mode
-from ._report import ForkReport, Hazard, UnsafeForkError, UnsafeForkWarning, subscribe
 from .pools import hazards
 
 TYPE_CHECKING = False
@@ -28,11 +28,18 @@ if TYPE_CHECKING:
     from typing import Any
 
     from ._coldstart import single_threaded
+    from ._report import ForkReport, Hazard, UnsafeForkError, UnsafeForkWarning, subscribe
     from .lazy import LazyModel, lazy_model
 
-# Public names whose modules load on first access: lazy_model needs threading and weakref,
-# and a process that never uses them should not pay for them at ``import tokguard``.
+# Public names whose modules load on first access, so that a process pays at ``import
+# tokguard`` only for the guard itself: lazy_model needs threading and weakref, and the
+# report module is needed only once a fork is found unsafe (or a test asks for its names).
 _LAZY_NAMES = {
+    "ForkReport": "tokguard._report",
+    "Hazard": "tokguard._report",
+    "UnsafeForkError": "tokguard._report",
+    "UnsafeForkWarning": "tokguard._report",
+    "subscribe": "tokguard._report",
     "LazyModel": "tokguard.lazy",
     "lazy_model": "tokguard.lazy",
     "single_threaded": "tokguard._coldstart",
@@ -61,11 +68,13 @@ def reset() -> None:
 
     For tests. What the pools did is not forgotten: their threads are still there.
     """
+    from . import _report
+
     _config.load_from_env()
     _report.forget_warnings()
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> "Any":
     # Resolved on first use: importlib.metadata alone costs more than all of tokguard.
     if name in _LAZY_NAMES:
         import importlib
@@ -92,13 +101,27 @@ def _start() -> None:
         _fork.install,
         _instrument.install,
         _master.install,
-        _uwsgi.watch,
+        _watch_uwsgi,
     )
     for step in steps:
         try:
             step()
         except Exception as exc:  # pragma: no cover - defensive
-            _report.internal_error(f"import tokguard ({step.__module__}.{step.__name__})", exc)
+            from ._report import internal_error
+
+            internal_error(f"import tokguard ({step.__module__}.{step.__name__})", exc)
+
+
+def _watch_uwsgi() -> None:
+    """uWSGI's check, loaded only where uWSGI runs this interpreter: its module or its binary."""
+    try:
+        embedded = os.path.basename(os.readlink("/proc/self/exe")).startswith("uwsgi")
+    except OSError:
+        embedded = False
+    if embedded or "uwsgi" in sys.modules:
+        from . import _uwsgi
+
+        _uwsgi.watch()
 
 
 _start()

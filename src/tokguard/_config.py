@@ -5,8 +5,6 @@ A bad value in the environment must never raise (it is read at import, and an ex
 there would take a server down), so it warns and falls back to the default.
 """
 
-from __future__ import annotations
-
 import os
 import sys
 
@@ -83,14 +81,14 @@ class configure:
         if mode is not None:
             set_mode(validate_mode(mode, "tokguard.configure(mode=...)"))
 
-    def __enter__(self) -> configure:
+    def __enter__(self) -> "configure":
         return self
 
     def __exit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
-        tb: TracebackType | None,
+        tb: "TracebackType | None",
     ) -> None:
         set_mode(self.previous)
 

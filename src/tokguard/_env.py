@@ -5,9 +5,12 @@ reads the C environment too: ``os.environ`` is a snapshot taken at interpreter s
 misses ``os.putenv`` and values set by C code.
 """
 
-from __future__ import annotations
-
 import os
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
 
 PARALLELISM_VAR = "TOKENIZERS_PARALLELISM"
 
@@ -73,6 +76,45 @@ def c_parallel() -> bool:
             return parallel(os.environ.get(PARALLELISM_VAR))
     raw = _getenv(_PARALLELISM_BYTES)
     return raw is None or raw.lower() not in _FALSE_BYTES
+
+
+_on_change: "list[Callable[[], None]]" = []
+
+
+def on_parallelism_change(callback: "Callable[[], None]") -> None:
+    """Call ``callback`` after every change of PARALLELISM_VAR made from Python.
+
+    Why: a padded ``encode`` is too short to read the C environment on every call (about
+    5 % of it), so the tokenizers pool wraps it only while parallelism is on, and needs to
+    hear when that changes. ``os.environ`` writes and deletes go through ``os.putenv`` and
+    ``os.unsetenv`` (looked up in the os module on each call, CPython 3.9 and later), so
+    wrapping those two sees every change made from Python; one made by C code is not seen,
+    and the pool's fork-time check covers it.
+    """
+    if not _on_change:
+        os.putenv = _notifying(os.putenv)
+        os.unsetenv = _notifying(os.unsetenv)
+    _on_change.append(callback)
+
+
+def _notifying(real: "Callable[..., None]") -> "Callable[..., None]":
+    def wrapper(name: "Any", *args: "Any") -> None:
+        real(name, *args)
+        # os.environ passes the name encoded; bytes and str are never compared (python -b).
+        if name == (_PARALLELISM_BYTES if isinstance(name, bytes) else PARALLELISM_VAR):
+            for callback in _on_change:
+                try:
+                    callback()
+                except Exception as exc:  # a tokguard bug must not break the user's putenv
+                    from ._report import internal_error
+
+                    internal_error(f"watching {PARALLELISM_VAR}", exc)
+
+    wrapper.__name__ = real.__name__
+    wrapper.__qualname__ = real.__name__
+    wrapper.__doc__ = real.__doc__
+    wrapper.__wrapped__ = real  # type: ignore[attr-defined]
+    return wrapper
 
 
 def _c_has(name: str) -> bool:

@@ -14,13 +14,11 @@ act at a fork (master mode, ``single_threaded()``, lazy models, the pytest plugi
 through ``at_fork(stage, ...)``, and ``STAGES`` fixes the order in which they run.
 """
 
-from __future__ import annotations
-
 import _thread
 import os
 import sys
 
-from . import _config, _forkers, _report, _sites, _threads, pools
+from . import _config, pools
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -28,7 +26,12 @@ if TYPE_CHECKING:
     from types import FrameType
     from typing import Any
 
+    from . import _report
     from ._report import Hazard
+
+# _report, _forkers and _sites are imported where a fork is found unsafe (or something
+# fails), not at ``import tokguard``: most processes never need them, and each module costs
+# about 0.1 ms of the import.
 
 # What runs in a forked child, in this order (and in the parent after a fork, the same order):
 # 1. "master", then "single_threaded": master mode and single_threaded() blocks put back the
@@ -51,21 +54,21 @@ unsafe_at_fork: frozenset[str] = frozenset()
 
 # Kept across importlib.reload of this module: the hooks registered with the interpreter at
 # the first import read this module's globals, and what joined them must not be lost.
-_stage_hooks: dict[str, tuple[list[Callable[[], None]], list[Callable[[], None]]]] = globals().get(
-    "_stage_hooks"
-) or {stage: ([], []) for stage in STAGES}
+_stage_hooks: "dict[str, tuple[list[Callable[[], None]], list[Callable[[], None]]]]" = (
+    globals().get("_stage_hooks") or {stage: ([], []) for stage in STAGES}
+)
 """Stage -> (child hooks, parent hooks), each list in the order they joined."""
 
-_handoff: dict[int, _report.ForkReport | None] = {}  # thread -> judged by the os.fork wrapper
-_plans: dict[int, list[Hazard]] = {}  # thread -> hazards the child must repair
-note_providers: list[Callable[[], list[str]]] = []
+_handoff: "dict[int, _report.ForkReport | None]" = {}  # thread -> judged by the os.fork wrapper
+_plans: "dict[int, list[Hazard]]" = {}  # thread -> hazards the child must repair
+note_providers: "list[Callable[[], list[str]]]" = []
 """Functions adding lines to a report (lazy models register one)."""
 
 
 def at_fork(
     stage: str,
-    after_in_child: Callable[[], None] | None = None,
-    after_in_parent: Callable[[], None] | None = None,
+    after_in_child: "Callable[[], None] | None" = None,
+    after_in_parent: "Callable[[], None] | None" = None,
 ) -> None:
     """Run these functions after every fork, at ``stage`` (one of ``STAGES``); idempotent.
 
@@ -89,17 +92,25 @@ def judged_by_wrapper(ident: int, default: object = None) -> object:
     return _handoff.get(ident, default)
 
 
-def _run(hook: Callable[[], None]) -> None:
+def _internal_error(where: str, exc: BaseException) -> None:
+    from ._report import internal_error
+
+    internal_error(where, exc)
+
+
+def _run(hook: "Callable[[], None]") -> None:
     try:
         hook()
     except Exception as exc:
-        _report.internal_error(f"the after-fork hook {hook.__qualname__}", exc)
+        _internal_error(f"the after-fork hook {hook.__qualname__}", exc)
 
 
-def _judge(refusable: bool, depth: int) -> _report.ForkReport | None:
+def _judge(refusable: bool, depth: int) -> "_report.ForkReport | None":
     hazards, census = pools.assess()
     if not hazards:
         return None
+    from . import _forkers, _report, _sites
+
     # What the forking library makes safe itself is neither reported nor repaired.
     hazards, notes = _forkers.split(hazards, depth + 1)
     if not hazards:
@@ -108,7 +119,7 @@ def _judge(refusable: bool, depth: int) -> _report.ForkReport | None:
         try:
             notes.extend(provider())
         except Exception as exc:
-            _report.internal_error(f"report notes {provider!r}", exc)
+            _internal_error(f"report notes {provider!r}", exc)
     return _report.ForkReport(
         hazards,
         _sites.user_site(_sites.FORK_LIBRARIES, depth=depth + 1),
@@ -119,16 +130,18 @@ def _judge(refusable: bool, depth: int) -> _report.ForkReport | None:
     )
 
 
-def _guard(real: Callable[[], Any]) -> Callable[[], Any]:
-    def fork() -> Any:
+def _guard(real: "Callable[[], Any]") -> "Callable[[], Any]":
+    def fork() -> "Any":
         ident = _thread.get_ident()
         if _config.mode != "off":
             try:
                 report = _judge(refusable=True, depth=1)
             except Exception as exc:  # never let a tokguard bug stop a fork
-                _report.internal_error("judging a fork", exc)
+                _internal_error("judging a fork", exc)
                 report = None
             if report is not None:
+                from . import _report
+
                 _report.publish(report)  # may raise under -W error: then no child exists
                 if report.refused:
                     raise _report.UnsafeForkError(report.message, report)
@@ -157,11 +170,11 @@ def _guard(real: Callable[[], Any]) -> Callable[[], Any]:
 _ATTRIBUTE_FORK_WARNING = sys.version_info >= (3, 12)
 _trampoline_code = (lambda real: real()).__code__
 # types.FunctionType without importing types (0.2 ms of the import budget).
-_function_type: Any = type(lambda: None)
-_trampolines: dict[tuple[object, int], Callable[[Callable[[], Any]], Any]] = {}
+_function_type: "Any" = type(lambda: None)
+_trampolines: "dict[tuple[object, int], Callable[[Callable[[], Any]], Any]]" = {}
 
 
-def _as_caller(frame: FrameType) -> Callable[[Callable[[], Any]], Any]:
+def _as_caller(frame: "FrameType") -> "Callable[[Callable[[], Any]], Any]":
     """A function that calls its argument from a frame that looks like ``frame``'s line."""
     key = (frame.f_code, frame.f_lineno)
     trampoline = _trampolines.get(key)
@@ -208,6 +221,8 @@ def _before() -> None:
         else:
             report = _judge(refusable=False, depth=1)
             if report is not None:
+                from . import _report
+
                 try:
                     _report.publish(report)
                 except Warning:
@@ -215,7 +230,7 @@ def _before() -> None:
                     sys.stderr.write(f"{report.message}\n")
         _plans[ident] = report.hazards if report is not None else []
     except Exception as exc:
-        _report.internal_error("the before-fork hook", exc)
+        _internal_error("the before-fork hook", exc)
 
 
 def _after_in_parent() -> None:
@@ -229,13 +244,15 @@ def _after_in_child() -> None:
     global generation, repaired, unsafe_at_fork
     generation += 1
     try:
-        _threads.forget()
+        threads = sys.modules.get(f"{__package__}._threads")
+        if threads is not None:  # no census was taken otherwise: nothing to forget
+            threads.forget()
         hazards = _plans.pop(_thread.get_ident(), [])
         _plans.clear()
         _handoff.clear()
         unsafe_at_fork = frozenset(h.pool for h in hazards)
     except Exception as exc:
-        _report.internal_error("the after-fork hook in the child", exc)
+        _internal_error("the after-fork hook in the child", exc)
         hazards = []
     for stage in STAGES:
         if stage == REPAIRS:
@@ -245,7 +262,7 @@ def _after_in_child() -> None:
             _run(hook)
 
 
-def _repair(hazards: list[Hazard]) -> tuple[str, ...]:
+def _repair(hazards: "list[Hazard]") -> tuple[str, ...]:
     """Stage "repairs": each unsafe pool that has a child repair applies it."""
     done = []
     for hazard in hazards:
@@ -256,7 +273,7 @@ def _repair(hazards: list[Hazard]) -> tuple[str, ...]:
             pool.repair_child()
             done.append(hazard.pool)
         except Exception as exc:
-            _report.internal_error(f"repairing {hazard.pool} in the child", exc)
+            _internal_error(f"repairing {hazard.pool} in the child", exc)
     return tuple(done)
 
 

@@ -7,8 +7,6 @@ wrapt has such post-import hooks, but importing wrapt costs ~55 ms, ten times th
 say which modules they watch; master mode and ``single_threaded()`` use the same hooks.
 """
 
-from __future__ import annotations
-
 import sys
 
 TYPE_CHECKING = False
@@ -18,19 +16,19 @@ if TYPE_CHECKING:
     from types import ModuleType
     from typing import Any
 
-_hooks: dict[str, list[Callable[[ModuleType], None]]] = {}
+_hooks: "dict[str, list[Callable[[ModuleType], None]]]" = {}
 
 
 class _Loader:
     """Runs the original loader, then the hooks for the module it loaded."""
 
-    def __init__(self, loader: Any) -> None:
+    def __init__(self, loader: "Any") -> None:
         self.loader = loader
 
-    def create_module(self, spec: ModuleSpec) -> ModuleType | None:
+    def create_module(self, spec: "ModuleSpec") -> "ModuleType | None":
         return self.loader.create_module(spec)  # type: ignore[no-any-return]
 
-    def exec_module(self, module: ModuleType) -> None:
+    def exec_module(self, module: "ModuleType") -> None:
         # Put the real loader back first, so nothing downstream ever sees this one.
         module.__loader__ = self.loader
         if module.__spec__ is not None:
@@ -38,7 +36,7 @@ class _Loader:
         self.loader.exec_module(module)
         _run_hooks(module)
 
-    def __getattr__(self, name: str) -> Any:
+    def __getattr__(self, name: str) -> "Any":
         return getattr(self.loader, name)
 
 
@@ -48,8 +46,8 @@ class _Finder:
     _busy: set[str] = set()
 
     def find_spec(
-        self, fullname: str, path: Sequence[str] | None = None, target: ModuleType | None = None
-    ) -> ModuleSpec | None:
+        self, fullname: str, path: "Sequence[str] | None" = None, target: "ModuleType | None" = None
+    ) -> "ModuleSpec | None":
         if fullname not in _hooks or fullname in self._busy:
             return None
         self._busy.add(fullname)
@@ -70,7 +68,7 @@ class _Finder:
         pass
 
 
-def _run_hooks(module: ModuleType) -> None:
+def _run_hooks(module: "ModuleType") -> None:
     from . import _report
 
     for hook in _hooks.pop(module.__name__, []):
@@ -81,7 +79,7 @@ def _run_hooks(module: ModuleType) -> None:
             _report.internal_error(f"instrumenting {module.__name__}", exc)
 
 
-def when_imported(name: str, hook: Callable[[ModuleType], None]) -> None:
+def when_imported(name: str, hook: "Callable[[ModuleType], None]") -> None:
     """Run ``hook(module)`` once ``name`` is imported, or now if it already is."""
     module = sys.modules.get(name)
     if module is not None:

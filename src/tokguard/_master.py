@@ -23,13 +23,10 @@ Anything else, the workers of those included, is not a master. ``TOKGUARD_MASTER
 ``tokguard.master_mode()`` switch it: ``auto`` (the default), ``on``, ``off``.
 """
 
-from __future__ import annotations
-
 import os
 import sys
 
-from . import _config, _fork, _instrument, _report, _sites
-from .pools import openmp
+from . import _config, _fork, _instrument
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -53,7 +50,7 @@ defeated_by: str | None = None
 """``torch.set_num_threads(n)`` with n > 1 called in the master, and where."""
 _explicit = False  # master because of the switch, not because it was recognised
 _forked_from_master = False  # a worker: never recognised as a master again
-_openmp_limited: list[tuple[Any, int]] = []  # threadpoolctl controller, threads before
+_openmp_limited: "list[tuple[Any, int]]" = []  # threadpoolctl controller, threads before
 
 GUNICORN = "gunicorn's arbiter loading the app with --preload (preload_app)"
 CELERY = "the main process of a celery prefork worker (it imports the tasks, then forks the pool)"
@@ -147,14 +144,14 @@ class master_mode:
         """Why this process is, or is not, a master."""
         return why()
 
-    def __enter__(self) -> master_mode:
+    def __enter__(self) -> "master_mode":
         return self
 
     def __exit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
-        tb: TracebackType | None,
+        tb: "TracebackType | None",
     ) -> None:
         set_switch(self.previous, f"tokguard.master_mode({self.previous!r})")
 
@@ -227,7 +224,7 @@ def _is_prefork(pool: object) -> bool:
     return any(getattr(c, "__module__", None) == "celery.concurrency.prefork" for c in mro)
 
 
-def _celery_worker(local: dict[str, Any]) -> tuple[str, str]:
+def _celery_worker(local: "dict[str, Any]") -> tuple[str, str]:
     """Inside celery's ``worker`` command: the pool class is resolved, config included."""
     options = local.get("kwargs") or {}
     pool = options.get("pool") or local.get("pool_cls")  # click names the -P option "pool"
@@ -331,6 +328,8 @@ def _begin(found: str, maybe: bool = False, explicit: bool = False) -> None:
     if torch is not None and hasattr(torch, "set_num_threads"):
         _watch_torch(torch)
     _limit_other_openmp()
+    from . import _report
+
     _report.log(
         f"master mode on: {found}. Pools stay cold here; each forked worker gets the "
         f"settings back. {ENV_VAR}=off turns it off.",
@@ -361,13 +360,15 @@ def after_fork_in_child() -> None:
     provisional = _explicit = False
     _forked_from_master = True
     _unwatch_torch()
+    from .pools import openmp  # loaded already: _begin assessed the pools
+
     if openmp.POOL.id in _fork.unsafe_at_fork:
         _openmp_limited.clear()  # the repair limits OpenMP to one thread for good
     else:
         _restore_openmp()
 
 
-def _watch_torch(torch: ModuleType) -> None:
+def _watch_torch(torch: "ModuleType") -> None:
     """Note where the master raises torch's threads: the line that defeats master mode."""
     current = torch.set_num_threads
     if getattr(current, "__tokguard_master__", False):
@@ -376,6 +377,8 @@ def _watch_torch(torch: ModuleType) -> None:
     def set_num_threads(n: int) -> None:
         global defeated_by
         if reason is not None and defeated_by is None and isinstance(n, int) and n > 1:
+            from . import _sites
+
             site = _sites.user_site(_sites.POOL_LIBRARIES) or "an unknown place"
             defeated_by = f"torch.set_num_threads({n}) at {site}"
         current(n)
@@ -477,7 +480,7 @@ def notes() -> list[str]:
     return lines
 
 
-def describe() -> dict[str, Any]:
+def describe() -> "dict[str, Any]":
     """Master mode as doctor and check show it: the switch, the verdict and why."""
     info: dict[str, Any] = {
         "switch": switch,
@@ -497,7 +500,7 @@ def describe() -> dict[str, Any]:
     return info
 
 
-def _on_import(module: ModuleType) -> None:
+def _on_import(module: "ModuleType") -> None:
     checkpoint()
     if reason is None:
         return

@@ -14,7 +14,6 @@ earlier than that, so there the check waits for the first import after the modul
 
 from __future__ import annotations
 
-import os
 import sys
 
 TYPE_CHECKING = False
@@ -124,16 +123,13 @@ class _Watch:
             check()
 
 
-def _embedded_in_uwsgi() -> bool:
-    try:
-        return os.path.basename(os.readlink("/proc/self/exe")).startswith("uwsgi")
-    except OSError:
-        return False
-
-
 def watch() -> None:
-    """At ``import tokguard``: check now, or once uWSGI has created its module."""
+    """At ``import tokguard`` inside uWSGI: check now, or once uWSGI has created its module.
+
+    ``tokguard/__init__`` calls this only where the ``uwsgi`` module exists or the process
+    runs the uWSGI binary, so that no other process loads this module.
+    """
     if "uwsgi" in sys.modules:
         check()
-    elif _embedded_in_uwsgi():
+    else:
         sys.meta_path.insert(0, _Watch())

@@ -13,19 +13,17 @@ library is (``REGISTRY`` says which): ``ALL`` holds the pools that can be runnin
 process, so a process that never imports torch pays nothing for torch's pools.
 """
 
-from __future__ import annotations
-
 import os
 import sys
-
-from .. import _threads
-from .._report import Hazard
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
     from types import ModuleType
     from typing import Any
+
+    from .. import _threads
+    from .._report import Hazard
 
 UNRECORDED = "not recorded"
 """A first use seen by the instrumentation, where no frame of the user's code was found."""
@@ -56,17 +54,19 @@ class Pool:
         self.first_use: str | None = None
         """``file:line in function`` of the user's code that first used the pool."""
 
-    def instrument(self, module: ModuleType, late: bool) -> None:
+    def instrument(self, module: "ModuleType", late: bool) -> None:
         """Wrap what records the first use; ``late``: imported before tokguard was."""
 
-    def detect(self, census: _threads.Census | None) -> Hazard | None:
+    def detect(self, census: "_threads.Census | None") -> "Hazard | None":
         """The hazard if the pool runs now (``census``: None where /proc says nothing)."""
         return None
 
     def repair_child(self) -> None:
         """Make the pool safe in a forked child (only called where ``repair`` is set)."""
 
-    def hazard(self, evidence: str, first_use: str | None = None) -> Hazard:
+    def hazard(self, evidence: str, first_use: str | None = None) -> "Hazard":
+        from .._report import Hazard
+
         return Hazard(self.id, self.title, evidence, first_use, self.repair, self.consequence)
 
     def __repr__(self) -> str:
@@ -131,7 +131,7 @@ def _instrument_pool(pool: Pool) -> None:
     for name in pool.triggers:
         late = name in _present_at_install
 
-        def hook(module: ModuleType, pool: Pool = pool, late: bool = late) -> None:
+        def hook(module: "ModuleType", pool: Pool = pool, late: bool = late) -> None:
             pool.instrument(module, late)
 
         _instrument.when_imported(name, hook)
@@ -169,32 +169,37 @@ def install() -> None:
             _instrument.when_imported(trigger, _loader(name, triggers))
 
 
-def _loader(name: str, triggers: tuple[str, ...]) -> Callable[[ModuleType], None]:
-    def load(module: ModuleType) -> None:
+def _loader(name: str, triggers: tuple[str, ...]) -> "Callable[[ModuleType], None]":
+    def load(module: "ModuleType") -> None:
         _load(name, triggers)
 
     return load
 
 
-def assess() -> tuple[list[Hazard], _threads.Census | None]:
+def assess() -> "tuple[list[Hazard], _threads.Census | None]":
     """The hazards present now and the thread census they were judged on.
 
     Never raises: a pool whose ``detect`` fails is reported once (on stderr, through the
     report module's internal-error path) and counts as "nothing found".
     """
-    from .._report import internal_error
+    # Imported at the first fork, not at ``import tokguard`` (about 0.1 ms each).
+    from .. import _threads
 
     census = None
     try:
-        # Cheap where there is nothing to classify: one listing of /proc/self/task.
+        # Cheap where nothing runs but the caller: one stat of /proc/self/task.
         census = _threads.census()
     except Exception as exc:
+        from .._report import internal_error
+
         internal_error("thread census", exc)
     found = []
     for pool in ALL:
         try:
             hazard = pool.detect(census)
         except Exception as exc:
+            from .._report import internal_error
+
             internal_error(f"probe {pool.id}", exc)  # once per pool
             continue
         if hazard is not None:
@@ -202,7 +207,7 @@ def assess() -> tuple[list[Hazard], _threads.Census | None]:
     return found, census
 
 
-def hazards() -> list[Hazard]:
+def hazards() -> "list[Hazard]":
     """What would make a fork unsafe if this process forked now; no fork needed."""
     return assess()[0]
 
@@ -220,7 +225,7 @@ def block_restores() -> tuple[bool, str | None, int]:
     return True, value, threads
 
 
-def wraps(method: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def wraps(method: "Callable[..., Any]") -> "Callable[[Callable[..., Any]], Callable[..., Any]]":
     # Imported on first use, not at ``import tokguard``: the interpreter does not load
     # functools at start, and the libraries being instrumented have loaded it by then.
     import functools

@@ -4,8 +4,6 @@ Found by the census only: tokguard cannot know which call started them. The chil
 limits OpenMP to one thread through threadpoolctl, where it is installed.
 """
 
-from __future__ import annotations
-
 import os
 
 from . import Pool, torch_dir
@@ -30,7 +28,7 @@ class OtherOpenMP(Pool):
         super().__init__()
         self._limits: object = None  # kept alive on purpose: the limit holds for the child's life
 
-    def detect(self, census: _threads.Census | None) -> Hazard | None:
+    def detect(self, census: "_threads.Census | None") -> "Hazard | None":
         if census is None:
             return None
         here = torch_dir() or "\0"

@@ -29,6 +29,19 @@ RAYON_METHODS = (
 poisoned = False
 """Set in a child whose parent had run the rayon pool: the child's copy of it is dead."""
 
+# A single encode starts the pool only with padding on, and only while parallelism is on. A
+# short encode is too quick to check either on every call: reading ``Tokenizer.padding``
+# builds a dict (2.4 us, a fifth of a short encode), reading the C environment costs 5 %,
+# and even a wrapper that checks nothing costs 2 %. So ``encode`` is the original method
+# except while a padded encode could start the pool unrecorded: some tokenizer pads,
+# parallelism is on, and no first use is recorded yet (``_sync_encode``). The ids of the
+# tokenizers that may pad are kept here, fed by every way padding gets switched on or off:
+# enable_padding, no_padding, the from_* loaders, and unpickling. A stale id (a tokenizer
+# collected, its id reused) can only make tokguard look once more, never miss a pool.
+_maybe_padded: set[int] = set()
+_classes: list[Any] = []  # the Tokenizer classes instrumented
+_watching_encode = False
+
 MESSAGE = (
     "TOKENIZERS_PARALLELISM={value!r} in a forked child whose parent had run tokenizers' "
     "parallel (rayon) pool: a batch call would hang forever. tokguard set "
@@ -51,9 +64,21 @@ class TokenizersRayon(Pool):
     )
 
     def __init__(self) -> None:
+        self._first_use: str | None = None
         super().__init__()
         self.maybe_started = False
         """tokenizers was imported before tokguard, with parallelism on: earlier calls unseen."""
+
+    @property
+    def first_use(self) -> str | None:
+        return self._first_use
+
+    @first_use.setter
+    def first_use(self, value: str | None) -> None:
+        # Whether a padded encode still needs watching depends on it (_sync_encode).
+        self._first_use = value
+        if _classes:
+            _sync_encode()
 
     def instrument(self, module: ModuleType, late: bool) -> None:
         if late:
@@ -62,7 +87,7 @@ class TokenizersRayon(Pool):
             _instrument(module)
 
     def detect(self, census: _threads.Census | None) -> Hazard | None:
-        if self.first_use is None and not self.maybe_started:
+        if self.first_use is None and not self.maybe_started and not _padded_unwatched():
             return None
         var = _env.PARALLELISM_VAR
         in_block, value, _ = block_restores()
@@ -85,6 +110,11 @@ class TokenizersRayon(Pool):
             shown = repr(value)
         if self.first_use is not None:
             evidence = f"a batch call ran with {var}={shown}, which starts the rayon pool"
+        elif not self.maybe_started:
+            evidence = (
+                f"a tokenizer pads and {var}={shown}, set where tokguard could not see it "
+                "(by C code): a padded encode may have started the rayon pool unseen"
+            )
         else:
             evidence = (
                 f"tokenizers was imported before tokguard and {var}={shown}; "
@@ -133,12 +163,6 @@ def _wrap_rayon(method: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-# A single encode starts the pool only with padding on. Reading ``Tokenizer.padding`` builds
-# a dict (2.4 us, a fifth of a short encode), so the ids of tokenizers that may pad are kept
-# here, fed by every way padding gets switched on or off: enable_padding, no_padding, the
-# from_* loaders, and unpickling. A stale id (a tokenizer collected, its id reused) can
-# only make tokguard look at the environment once more, never miss a pool.
-_maybe_padded: set[int] = set()
 PADDING_LOADERS = ("from_file", "from_str", "from_buffer", "from_pretrained")
 
 
@@ -156,19 +180,33 @@ def _wrap_encode(method: Callable[..., Any]) -> Callable[..., Any]:
 def _note_padding(tokenizer: Any) -> None:
     if tokenizer.padding is not None:
         _maybe_padded.add(id(tokenizer))
-        _watch_encode(type(tokenizer))
     else:
         _maybe_padded.discard(id(tokenizer))
+    _sync_encode()
 
 
-def _watch_encode(cls: Any) -> None:
-    """Wrap ``encode`` once some tokenizer pads: until then a plain encode pays nothing.
+def _sync_encode() -> None:
+    """Wrap ``encode`` while a padded encode could start the pool unrecorded; unwrap it after.
 
-    Without padding a single encode never starts the pool, and a wrapper's own call costs
-    about 3 % of a short encode.
+    Called wherever one of the three conditions changes: padding switched, the variable set
+    from Python (``_env.on_parallelism_change``), a first use recorded or forgotten.
     """
-    if not getattr(cls.encode, "__tokguard_wrapped__", False):
-        cls.encode = _wrap_encode(cls.encode)
+    global _watching_encode
+    if not _classes:
+        return  # not instrumented yet
+    _watching_encode = bool(_maybe_padded) and POOL.first_use is None and _env.c_parallel()
+    for cls in _classes:
+        wrapped = getattr(cls.encode, "__tokguard_wrapped__", False)
+        if _watching_encode and not wrapped:
+            cls.encode = _wrap_encode(cls.encode)
+        elif wrapped and not _watching_encode:
+            cls.encode = cls.encode.__wrapped__
+
+
+def _padded_unwatched() -> bool:
+    """A tokenizer pads and parallelism is on, which tokguard did not hear of (set by C code):
+    padded encodes may have run unwatched. Read only at a fork, where a tokenizer pads."""
+    return bool(_maybe_padded) and not _watching_encode and _env.c_parallel()
 
 
 def _wrap_padding_setter(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -195,6 +233,9 @@ def _instrument(module: ModuleType) -> None:
     cls = module.Tokenizer
     if getattr(cls.encode_batch, "__tokguard_wrapped__", False):
         return
+    if not _classes:
+        _env.on_parallelism_change(_sync_encode)
+    _classes.append(cls)
     for name in RAYON_METHODS:
         if hasattr(cls, name):
             setattr(cls, name, _wrap_rayon(getattr(cls, name)))
