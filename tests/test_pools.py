@@ -126,3 +126,43 @@ def test_census_counts_threads_from_one_stat_and_checks_that_first() -> None:
     assert got["ALONE"] == "(1, 0, True)"
     assert got["OTHER"] == "(2, 1)"
     assert got["FALLBACK"] == "(2, False)"
+
+
+def test_a_registered_pool_with_a_setting_is_kept_cold() -> None:
+    """single_threaded() holds every pool that has a setting (its own module says how):
+    saved at the first block, cooled again by a nested block if raised meanwhile, put back
+    by the last, and a value changed inside a block is kept."""
+    code = """
+    from tokguard import pools, single_threaded
+    class Knob(pools.Pool):
+        id = "knob"
+        title = "a knob"
+        kept_cold = "knob at 1"
+        value = 8
+        def cold_save(self):
+            return self.value
+        def cool(self):
+            self.value = 1
+        def is_cold(self):
+            return self.value == 1
+        def put_back(self, saved, repaired=False):
+            if not repaired and self.value == 1:
+                self.value = saved
+    knob = pools.register(Knob())
+    with single_threaded():
+        print("INSIDE=%s" % knob.value)
+        knob.value = 4
+        with single_threaded():
+            print("NESTED=%s" % knob.value)
+        print("NESTED_END=%s" % knob.value)
+    print("AFTER=%s" % knob.value)
+    with single_threaded():
+        knob.value = 2
+    print("CHANGED_INSIDE=%s" % knob.value)
+    """
+    result = run_py(code, guard=True)
+    assert result.returncode == 0, str(result)
+    got = values(result)
+    assert (got["INSIDE"], got["NESTED"], got["NESTED_END"]) == ("1", "1", "4")
+    assert got["AFTER"] == "4"  # 4 was set inside the block: the user's newer choice
+    assert got["CHANGED_INSIDE"] == "2"

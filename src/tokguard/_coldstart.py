@@ -19,11 +19,9 @@ the master itself and ends in each forked child, before any user code runs there
 from __future__ import annotations
 
 import _thread
-import os
 import sys
 
-from . import _env, _fork, _instrument
-from .pools import tokenizers_rayon, torch_openmp
+from . import _fork, _instrument, pools
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -35,22 +33,17 @@ if TYPE_CHECKING:
 
 __all__ = ["single_threaded"]
 
-_ABSENT = "\0absent"  # os.environ values are str: this one cannot come from a real variable
-
-# Reentrant: entering a block may run a post-import hook of torch that takes it again.
+# Reentrant: entering a block may run a post-import hook that takes it again.
 _lock = _thread.RLock()
 _holders: dict[int, int] = {}
 """Thread ident (or ``MASTER``) -> how many blocks that holder has open."""
 MASTER = -1
 """The holder key of master mode; thread idents are never negative."""
-_saved_env: str = _ABSENT
-"""TOKENIZERS_PARALLELISM in os.environ before the first block (``_ABSENT``: not there)."""
-_saved_c_env: str | None = None
-"""The same variable in the C environment (None: unset), which tokenizers reads."""
-_saved_torch_threads = 0
-"""torch.get_num_threads() before the first block; 0 while torch is not (yet) touched."""
-_torch_hook_pending = False
-_undo: dict[int, list[tuple[str | None, int]]] = {}
+_saved: dict[str, object] = {}
+"""Pool id -> its setting before the first block (``Pool.cold_save``), put back by the last."""
+_waiting: set[str] = set()
+"""Modules whose import will hold the pools that had nothing to hold yet (torch not imported)."""
+_undo: dict[int, list[dict[str, object]]] = {}
 """Holder -> for each of its blocks opened while the state was held already: what it cooled."""
 
 
@@ -59,34 +52,43 @@ def active() -> bool:
     return bool(_holders)
 
 
-def restored_settings() -> tuple[str | None, int]:
-    """(C value of the variable, torch threads) the open blocks will put back.
+def restored_settings() -> dict[str, object]:
+    """Pool id -> the setting the open blocks will put back (``Pool.cold_save``'s value).
 
     The guard judges a fork made inside a block on these, not on the block's own
     temporary values: the child leaves the block too, and would then use a pool that died
     at the fork.
     """
-    return _saved_c_env, _saved_torch_threads
+    return dict(_saved)
 
 
-def _torch_imported(torch: ModuleType) -> None:
-    """torch was imported inside an open block: its warm-up must not start the pool either."""
-    global _torch_hook_pending
+def _hold(pool: pools.Pool) -> None:
+    """First block: save the pool's setting and hold it at one thread, or, where its library
+    is not imported yet, do that once it is (the warm-up inside the block may import it)."""
+    if pool.kept_cold is None:
+        return
+    saved = pool.cold_save()
+    if saved is None:
+        for name in pool.triggers:
+            if name not in _waiting and name not in sys.modules:
+                _waiting.add(name)
+                _instrument.when_imported(name, _library_imported)
+        return
+    _saved[pool.id] = saved
+    pool.cool()
+
+
+def _library_imported(module: ModuleType) -> None:
+    """A pool's library was imported inside an open block: its warm-up must stay cold too."""
     with _lock:
-        _torch_hook_pending = False
-        if _holders and not _saved_torch_threads:
-            _limit_torch(torch)
-
-
-def _limit_torch(torch: ModuleType) -> None:
-    global _saved_torch_threads
-    _saved_torch_threads = int(torch.get_num_threads())
-    if _saved_torch_threads > 1:
-        torch.set_num_threads(1)
+        _waiting.discard(module.__name__)
+        if _holders:
+            for pool in pools.known():
+                if pool.id not in _saved:
+                    _hold(pool)
 
 
 def _enter(ident: int | None = None) -> None:
-    global _saved_env, _saved_c_env, _saved_torch_threads, _torch_hook_pending
     if ident is None:
         ident = _thread.get_ident()
     with _lock:
@@ -95,17 +97,12 @@ def _enter(ident: int | None = None) -> None:
         if not first:
             _undo.setdefault(ident, []).append(_cool_again())
             return
-        _saved_env = os.environ.get(_env.PARALLELISM_VAR, _ABSENT)
-        _saved_c_env = _env.c_getenv(_env.PARALLELISM_VAR)
-        _saved_torch_threads = 0
+        _saved.clear()
         try:
-            _env.force_serial()
-            torch = sys.modules.get("torch")
-            if torch is not None and hasattr(torch, "get_num_threads"):
-                _limit_torch(torch)
-            elif not _torch_hook_pending:
-                _torch_hook_pending = True
-                _instrument.when_imported("torch", _torch_imported)
+            # Every pool, loaded or not: tokenizers' setting is an environment variable,
+            # held before tokenizers is even imported.
+            for pool in pools.known():
+                _hold(pool)
         except BaseException:
             _holders.pop(ident, None)
             _restore()
@@ -125,65 +122,38 @@ def _exit(ident: int | None = None) -> None:
             _undo.clear()
             _restore()
         elif _undo.get(ident):
-            _warm_again(*_undo[ident].pop())
+            for pool_id, saved in _undo[ident].pop().items():
+                # The values this block found come back, unless changed inside it.
+                pools.get(pool_id).put_back(saved)
 
 
-def _cool_again() -> tuple[str | None, int]:
+def _cool_again() -> dict[str, object]:
     """A block opened while others hold the state: cold again what was raised meanwhile.
 
     In a master (``_master`` holds the state for good) the app may raise torch's threads or
     switch parallelism back on before it opens ``single_threaded()`` for its warm-up; that
-    warm-up must still run cold. Returns what to put back when this block ends: the C value
-    of the variable (None: nothing to undo) and torch's thread count (0: nothing).
+    warm-up must still run cold. Returns, by pool id, what to put back when this block ends.
     """
-    value = _env.c_getenv(_env.PARALLELISM_VAR) if _env.c_parallel() else None
-    if value is not None:
-        _env.force_serial()
-    torch = sys.modules.get("torch")
-    threads = int(torch.get_num_threads()) if torch is not None else 0
-    if threads > 1:
-        torch.set_num_threads(1)  # type: ignore[union-attr]
-    return value, threads if threads > 1 else 0
-
-
-def _warm_again(value: str | None, threads: int) -> None:
-    """End of such a block: the values it found come back, unless changed inside it."""
-    if value is not None and _env.c_getenv(_env.PARALLELISM_VAR) == "false":
-        os.environ[_env.PARALLELISM_VAR] = value
-        os.putenv(_env.PARALLELISM_VAR, value)
-    torch = sys.modules.get("torch")
-    if threads and torch is not None and torch.get_num_threads() == 1:
-        torch.set_num_threads(threads)
+    undo = {}
+    for pool in pools.known():
+        if pool.id in _saved and not pool.is_cold():
+            undo[pool.id] = pool.cold_save()
+            pool.cool()
+    return undo
 
 
 def _restore(unsafe: frozenset[str] = frozenset()) -> None:
     """Put back the saved settings; called with ``_lock`` held (or in a fork child).
 
-    A setting changed inside the block is the user's newer choice and is kept; so is the
-    guard's repair in a child forked while the parent's pools ran (``unsafe``: the pools
-    the child is about to be repaired for).
+    A setting changed inside the block is the user's newer choice and is kept (each pool's
+    ``put_back`` checks); so is the guard's repair in a child forked while the parent's
+    pools ran (``unsafe``: the pools the child is about to be repaired for).
     """
-    global _saved_torch_threads
     unsafe = unsafe.union(_fork.repaired)
-    keep_env = _env.c_getenv(_env.PARALLELISM_VAR) != "false" or tokenizers_rayon.POOL.id in unsafe
-    if not keep_env:
-        if _saved_env == _ABSENT:
-            os.environ.pop(_env.PARALLELISM_VAR, None)
-        else:
-            os.environ[_env.PARALLELISM_VAR] = _saved_env
-        # os.environ's view may differ from the C one (os.putenv, C code): restore that exactly.
-        if _saved_c_env is None:
-            os.unsetenv(_env.PARALLELISM_VAR)
-        else:
-            os.putenv(_env.PARALLELISM_VAR, _saved_c_env)
-    threads, _saved_torch_threads = _saved_torch_threads, 0
-    torch = sys.modules.get("torch")
-    if threads > 1 and torch is not None and torch.get_num_threads() == 1:
-        if torch_openmp.POOL.id in unsafe:
-            # This child was forked with the parent's pool running: it must stay at one
-            # thread (hang-table row 5), and the guard's repair refuses anything more.
-            return
-        torch.set_num_threads(threads)
+    saved = dict(_saved)
+    _saved.clear()
+    for pool_id, setting in saved.items():
+        pools.get(pool_id).put_back(setting, repaired=pool_id in unsafe)
 
 
 class _SingleThreaded:

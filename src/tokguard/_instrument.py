@@ -69,14 +69,14 @@ class _Finder:
 
 
 def _run_hooks(module: "ModuleType") -> None:
-    from . import _report
-
     for hook in _hooks.pop(module.__name__, []):
         try:
             hook(module)
         except Exception as exc:
             # An instrumentation bug must never break the user's import.
-            _report.internal_error(f"instrumenting {module.__name__}", exc)
+            from ._report import internal_error
+
+            internal_error(f"instrumenting {module.__name__}", exc)
 
 
 def when_imported(name: str, hook: "Callable[[ModuleType], None]") -> None:

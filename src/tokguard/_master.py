@@ -50,7 +50,6 @@ defeated_by: str | None = None
 """``torch.set_num_threads(n)`` with n > 1 called in the master, and where."""
 _explicit = False  # master because of the switch, not because it was recognised
 _forked_from_master = False  # a worker: never recognised as a master again
-_openmp_limited: "list[tuple[Any, int]]" = []  # threadpoolctl controller, threads before
 
 GUNICORN = "gunicorn's arbiter loading the app with --preload (preload_app)"
 CELERY = "the main process of a celery prefork worker (it imports the tasks, then forks the pool)"
@@ -345,7 +344,9 @@ def _end() -> None:
     reason = None
     provisional = _explicit = False
     _unwatch_torch()
-    _restore_openmp()
+    from .pools import openmp
+
+    openmp.POOL.put_back_others()
     from . import _coldstart
 
     _coldstart._exit(_coldstart.MASTER)
@@ -362,10 +363,8 @@ def after_fork_in_child() -> None:
     _unwatch_torch()
     from .pools import openmp  # loaded already: _begin assessed the pools
 
-    if openmp.POOL.id in _fork.unsafe_at_fork:
-        _openmp_limited.clear()  # the repair limits OpenMP to one thread for good
-    else:
-        _restore_openmp()
+    # Unless the child is repaired for it: the repair limits OpenMP to one thread for good.
+    openmp.POOL.put_back_others(repaired=openmp.POOL.id in _fork.unsafe_at_fork)
 
 
 def _watch_torch(torch: "ModuleType") -> None:
@@ -399,58 +398,15 @@ def _unwatch_torch() -> None:
         torch.set_num_threads = current.__tokguard_wrapped__  # type: ignore[union-attr]
 
 
-def _openmp_runtimes() -> set[str]:
-    """Paths of the OpenMP runtimes mapped into this process, torch's own left out."""
-    torch = sys.modules.get("torch")
-    torch_file = getattr(torch, "__file__", None)
-    torch_dir = os.path.dirname(os.path.realpath(torch_file)) + os.sep if torch_file else None
-    found = set()
-    try:
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                if "omp" not in line:
-                    continue
-                path = line.split(None, 5)[-1].strip()
-                name = os.path.basename(path)
-                if name.startswith(("libgomp", "libomp", "libiomp")):
-                    found.add(os.path.realpath(path))
-    except OSError:
-        return set()
-    return {p for p in found if not (torch_dir and p.startswith(torch_dir))}
-
-
 def _limit_other_openmp() -> None:
-    """Other libraries' OpenMP runtimes at one thread, through threadpoolctl when installed.
-
-    torch's own runtime is left to ``torch.set_num_threads`` (``_coldstart``), which also
-    remembers the count the workers get back. Runtimes are looked for when master mode
-    begins and when torch, tokenizers or sklearn is imported; one loaded otherwise is not
-    limited, and if its pool runs in the master, the fork is reported and repaired.
-    """
+    """Runtimes are looked for when master mode begins and when torch, tokenizers or sklearn
+    is imported; one loaded otherwise is not limited, and if its pool runs in the master,
+    the fork is reported and repaired."""
     if reason is None:
         return
-    done = {os.path.realpath(c.filepath) for c, _ in _openmp_limited}
-    wanted = _openmp_runtimes() - done
-    if not wanted:
-        return
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:
-        return
-    for controller in ThreadpoolController().select(user_api="openmp").lib_controllers:
-        if os.path.realpath(controller.filepath) not in wanted:
-            continue
-        threads = int(controller.num_threads)
-        if threads > 1:
-            controller.set_num_threads(1)
-            _openmp_limited.append((controller, threads))
+    from .pools import openmp
 
-
-def _restore_openmp() -> None:
-    limited = list(_openmp_limited)
-    _openmp_limited.clear()
-    for controller, threads in limited:
-        controller.set_num_threads(threads)
+    openmp.POOL.limit_others()
 
 
 # --- reports --------------------------------------------------------------------------------
@@ -491,11 +447,14 @@ def describe() -> "dict[str, Any]":
     }
     coldstart = sys.modules.get("tokguard._coldstart")
     if reason is not None and coldstart is not None:
-        value, threads = coldstart.restored_settings()
+        from .pools import openmp, tokenizers_rayon, torch_openmp
+
+        saved = coldstart.restored_settings()
+        rayon = saved.get(tokenizers_rayon.POOL.id)
         info["restores"] = {
-            "TOKENIZERS_PARALLELISM": value,
-            "torch_threads": threads or None,
-            "openmp": {c.filepath: n for c, n in _openmp_limited},
+            "TOKENIZERS_PARALLELISM": rayon[1] if isinstance(rayon, tuple) else None,
+            "torch_threads": saved.get(torch_openmp.POOL.id),
+            "openmp": openmp.POOL.limited_others(),
         }
     return info
 

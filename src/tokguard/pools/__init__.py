@@ -43,7 +43,8 @@ class Pool:
     consequence = "hang"
     """What a child that uses the pool does after an unsafe fork: ``hang`` or ``fail``."""
     kept_cold: str | None = None
-    """What ``single_threaded()`` and master mode do for it, in words; None: nothing."""
+    """What ``single_threaded()`` and master mode do for it, in words (the ``cool`` and
+    ``put_back`` below do it); None: nothing, and those methods are not called."""
     description = ""
     """One paragraph for docs and ``doctor``: what the pool is and how it is found."""
     covered_by: tuple[tuple[str, str, str], ...] = ()
@@ -63,6 +64,26 @@ class Pool:
 
     def repair_child(self) -> None:
         """Make the pool safe in a forked child (only called where ``repair`` is set)."""
+
+    # Keeping the pool cold: ``single_threaded()`` and master mode (``_coldstart``) save each
+    # loaded pool's setting, hold the pool at one thread, and put the setting back when the
+    # last block ends (in a master's workers: right after the fork). A pool that has no
+    # setting to hold keeps these defaults, and ``kept_cold`` None.
+
+    def cold_save(self) -> object:
+        """The pool's setting now, as ``put_back`` takes it (None: nothing to hold)."""
+        return None
+
+    def cool(self) -> None:
+        """Hold the pool at one thread (or serial) from now on."""
+
+    def is_cold(self) -> bool:
+        """Whether the pool is held at one thread now (a nested block cools it again if not)."""
+        return True
+
+    def put_back(self, saved: object, repaired: bool = False) -> None:
+        """Give back ``saved``, unless the setting changed since ``cool`` (the user's newer
+        choice is kept) or ``repaired`` (a child repaired for this pool at its fork)."""
 
     def hazard(self, evidence: str, first_use: str | None = None) -> "Hazard":
         from .._report import Hazard
@@ -212,17 +233,16 @@ def hazards() -> "list[Hazard]":
     return assess()[0]
 
 
-def block_restores() -> tuple[bool, str | None, int]:
-    """(inside a single_threaded() block?, C value and torch threads it will restore).
+def block_restores(pool: Pool) -> tuple[bool, object]:
+    """(inside a single_threaded() block?, the setting of ``pool`` the block will put back).
 
-    A fork inside a block is judged on these, not on the block's temporary values: the child
+    A fork inside a block is judged on that, not on the block's temporary one: the child
     leaves the block too, and would then use a pool that died at the fork.
     """
-    coldstart = sys.modules.get("tokguard._coldstart")
+    coldstart = sys.modules.get(f"{__name__.rpartition('.')[0]}._coldstart")
     if coldstart is None or not coldstart.active():
-        return False, None, 0
-    value, threads = coldstart.restored_settings()
-    return True, value, threads
+        return False, None
+    return True, coldstart.restored_settings().get(pool.id)
 
 
 def wraps(method: "Callable[..., Any]") -> "Callable[[Callable[..., Any]], Callable[..., Any]]":

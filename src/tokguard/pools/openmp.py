@@ -10,6 +10,8 @@ from . import Pool, torch_dir
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from .. import _threads
     from .._report import Hazard
 
@@ -27,6 +29,7 @@ class OtherOpenMP(Pool):
     def __init__(self) -> None:
         super().__init__()
         self._limits: object = None  # kept alive on purpose: the limit holds for the child's life
+        self._limited: list[tuple[Any, int]] = []  # master mode: controller, threads before
 
     def detect(self, census: "_threads.Census | None") -> "Hazard | None":
         if census is None:
@@ -47,6 +50,61 @@ class OtherOpenMP(Pool):
         except ImportError:
             return
         self._limits = threadpool_limits(limits=1, user_api="openmp")
+
+    # Master mode only (``_master``): single_threaded() holds the pools whose setting it can
+    # save before they load; these runtimes come with whatever library links them.
+
+    def limit_others(self) -> None:
+        """Other libraries' OpenMP runtimes at one thread, through threadpoolctl when installed.
+
+        torch's own runtime is left to ``torch.set_num_threads`` (its pool's ``cool``), which
+        also remembers the count the workers get back. Runtimes already limited are skipped,
+        so master mode calls this again whenever a library that may bring one is imported.
+        """
+        done = {os.path.realpath(c.filepath) for c, _ in self._limited}
+        wanted = _runtimes() - done
+        if not wanted:
+            return
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:
+            return
+        for controller in ThreadpoolController().select(user_api="openmp").lib_controllers:
+            if os.path.realpath(controller.filepath) not in wanted:
+                continue
+            threads = int(controller.num_threads)
+            if threads > 1:
+                controller.set_num_threads(1)
+                self._limited.append((controller, threads))
+
+    def put_back_others(self, repaired: bool = False) -> None:
+        """Undo ``limit_others`` (``repaired``: forget it, the child stays at one thread)."""
+        limited = list(self._limited)
+        self._limited.clear()
+        if not repaired:
+            for controller, threads in limited:
+                controller.set_num_threads(threads)
+
+    def limited_others(self) -> dict[str, int]:
+        """Runtime path -> the thread count ``put_back_others`` gives back."""
+        return {c.filepath: n for c, n in self._limited}
+
+
+def _runtimes() -> set[str]:
+    """Paths of the OpenMP runtimes mapped into this process, torch's own left out."""
+    here = torch_dir()
+    found = set()
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                if "omp" not in line:
+                    continue
+                path = line.split(None, 5)[-1].strip()
+                if os.path.basename(path).startswith(("libgomp", "libomp", "libiomp")):
+                    found.add(os.path.realpath(path))
+    except OSError:
+        return set()
+    return {p for p in found if not (here and p.startswith(os.path.realpath(here) + os.sep))}
 
 
 POOL = OtherOpenMP()

@@ -6,6 +6,8 @@ once the pool is known to be started they stop doing anything else.
 
 from __future__ import annotations
 
+import os
+
 from .. import _env, _sites, _threads
 from . import UNRECORDED, Pool, block_restores, wraps
 
@@ -25,6 +27,9 @@ RAYON_METHODS = (
     "train",
     "train_from_iterator",
 )
+
+ABSENT = "\0absent"
+"""Saved for a variable not in os.environ (its values are str: this one cannot be real)."""
 
 poisoned = False
 """Set in a child whose parent had run the rayon pool: the child's copy of it is dead."""
@@ -90,8 +95,9 @@ class TokenizersRayon(Pool):
         if self.first_use is None and not self.maybe_started and not _padded_unwatched():
             return None
         var = _env.PARALLELISM_VAR
-        in_block, value, _ = block_restores()
+        in_block, saved = block_restores(self)
         if in_block:
+            value = saved[1] if isinstance(saved, tuple) else None
             # The child leaves the block too and gets this value back; unset counts as
             # parallel there, since tokenizers' own atfork handler saw the block's "false".
             if value is not None and not _env.parallel(value):
@@ -123,6 +129,32 @@ class TokenizersRayon(Pool):
         return self.hazard(
             evidence, self.first_use or "not recorded (before tokguard was imported)"
         )
+
+    def cold_save(self) -> tuple[str, str | None]:
+        """(value in os.environ or ``ABSENT``, value in the C environment or None)."""
+        var = _env.PARALLELISM_VAR
+        return os.environ.get(var, ABSENT), _env.c_getenv(var)
+
+    def cool(self) -> None:
+        _env.force_serial()
+
+    def is_cold(self) -> bool:
+        return not _env.c_parallel()
+
+    def put_back(self, saved: object, repaired: bool = False) -> None:
+        var = _env.PARALLELISM_VAR
+        if repaired or not isinstance(saved, tuple) or _env.c_getenv(var) != "false":
+            return  # the child stays serial, or the variable was changed since
+        environ_value, c_value = saved
+        if environ_value == ABSENT:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = environ_value
+        # os.environ's view may differ from the C one (os.putenv, C code): restore that exactly.
+        if c_value is None:
+            os.unsetenv(var)
+        else:
+            os.putenv(var, c_value)
 
     def repair_child(self) -> None:
         global poisoned

@@ -89,7 +89,8 @@ class TorchOpenMP(Pool):
             _replace(module.Tensor, name, watch)
 
     def detect(self, census: _threads.Census | None) -> Hazard | None:
-        threads = max(_torch_threads(), block_restores()[2])
+        saved = block_restores(self)[1]
+        threads = max(_torch_threads(), saved if isinstance(saved, int) else 0)
         if threads <= 1:
             # One thread never starts a team; a child at one thread works (hang-table rows 5, 6).
             return None
@@ -135,6 +136,24 @@ class TorchOpenMP(Pool):
                 f"{threads} threads"
             )
         return None
+
+    def cold_save(self) -> int | None:
+        """torch's thread count (torch keeps one per OS thread: the calling thread's)."""
+        return _torch_threads() or None  # 0: torch is not imported (yet)
+
+    def cool(self) -> None:
+        if _torch_threads() > 1:
+            sys.modules["torch"].set_num_threads(1)
+
+    def is_cold(self) -> bool:
+        return _torch_threads() <= 1
+
+    def put_back(self, saved: object, repaired: bool = False) -> None:
+        # A child repaired at its fork ran with the parent's pool alive: it must stay at one
+        # thread (hang-table row 5), and the repair refuses anything more.
+        if repaired or not isinstance(saved, int) or saved <= 1 or _torch_threads() != 1:
+            return
+        sys.modules["torch"].set_num_threads(saved)
 
     def repair_child(self) -> None:
         torch = sys.modules["torch"]
