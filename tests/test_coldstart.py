@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import run_py, values, watch_result
+from conftest import needs, run_py, values, watch_result
 
 PRELUDE = """
 import os, sys, threading
@@ -215,7 +215,7 @@ print("AFTER=%s" % both())
 
 def test_torch_threads_limited_and_restored() -> None:
     """torch runs at one thread inside the block, at the previous count after it."""
-    pytest.importorskip("torch")
+    needs("torch")
     found = _run(
         """
 import torch
@@ -230,7 +230,7 @@ print("AFTER=%d" % torch.get_num_threads())
 
 def test_torch_imported_inside_the_block_is_limited_too() -> None:
     """A warm-up that imports torch itself still runs single-threaded, then gets torch's default."""
-    pytest.importorskip("torch")
+    needs("torch")
     found = _run(
         """
 assert "torch" not in sys.modules
