@@ -57,7 +57,7 @@ def _interpreters() -> Path:
         if not found:
             link.unlink(missing_ok=True)
             continue
-        # Made aside and renamed over: `scripts/test` runs two nox processes at once, and
+        # Made aside and renamed over: `scripts/test` runs three nox processes at once, and
         # each must always see a complete link.
         new = folder / f".python{version}.{os.getpid()}"
         new.unlink(missing_ok=True)

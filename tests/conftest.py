@@ -176,6 +176,18 @@ def values(result: Result) -> dict[str, str]:
     return found
 
 
+def needs(*modules: str) -> None:
+    """Skip the calling test unless every module is installed: found, not imported.
+
+    ``pytest.importorskip`` imports: torch, sentence-transformers or scikit-learn would then
+    load into every pytest-xdist worker (seconds of CPU each) for tests that use them only
+    in the fresh interpreters they start.
+    """
+    for module in modules:
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed")
+
+
 @pytest.fixture(scope="session")
 def cross_encoder_path(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tiny BERT CrossEncoder saved locally, built in a fresh interpreter (needs torch).
@@ -183,8 +195,7 @@ def cross_encoder_path(tmp_path_factory: pytest.TempPathFactory) -> str:
     Built once per run: under pytest-xdist the workers share one copy (the first builds it
     under a file lock in the run's common temporary directory, the others wait and reuse it).
     """
-    pytest.importorskip("torch")
-    pytest.importorskip("sentence_transformers")
+    needs("torch", "sentence_transformers")
     import fcntl
 
     root = tmp_path_factory.getbasetemp()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LAB
+from conftest import LAB, needs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -252,7 +252,7 @@ def test_check_verdict_matches_a_real_fork(tmp_path: Path) -> None:
 
 def test_check_flags_torch_pool(tmp_path: Path) -> None:
     """A torch op with 2 threads at import: exit 1 naming torch's OpenMP pool."""
-    pytest.importorskip("torch")
+    needs("torch")
     write(
         tmp_path,
         "torchapp.py",
@@ -381,7 +381,7 @@ def test_doctor_json_keeps_the_users_value() -> None:
 
 def test_doctor_with_torch_starts_no_pool() -> None:
     """doctor imports torch to read its settings and still finds no hazard in itself."""
-    pytest.importorskip("torch")
+    needs("torch")
     proc = run("doctor", "--json")
     info = json.loads(proc.stdout)
     assert info["torch"]["num_threads"] >= 1
@@ -480,7 +480,7 @@ def test_demo_json() -> None:
 @pytest.mark.slow
 def test_demo_torch_row() -> None:
     """demo row4: torch's pool hangs children without tokguard; repaired with it."""
-    pytest.importorskip("torch")
+    needs("torch")
     proc = run("demo", "--rows", "row4", "--json", timeout=300)
     (row,) = json.loads(proc.stdout)["rows"]
     assert row["without"]["result"]["hung"] == 2, row

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from conftest import STANDALONE, Result, line_of, prelude, run_py, values, watch_result
+from conftest import STANDALONE, Result, line_of, needs, prelude, run_py, values, watch_result
 
 FORKS = 10
 TOKENIZER_DEADLINE = 6.0  # s for all forks of a tokenizers row; a healthy child needs ~0.05 s
@@ -52,7 +52,7 @@ def run_scenario(row: str, guard: bool, mode: str | None = None) -> tuple[dict[s
     ``--guard`` imports it after the scenario's environment is set.
     """
     for module in ROWS[row]:
-        pytest.importorskip(module)
+        needs(module)
     deadline = TORCH_DEADLINE if ROWS[row] else TOKENIZER_DEADLINE
     argv = [row, "--forks", str(FORKS), "--timeout", f"{deadline:g}", "--json"]
     if guard:
@@ -383,7 +383,7 @@ def _late(snippet: str, guard: bool) -> str:
 
 def test_late_import_torch_used_before_tokguard() -> None:
     """tokguard imported after a parallel torch op finds the pool by census and repairs."""
-    pytest.importorskip("torch")
+    needs("torch")
     code = (
         TORCH_OP
         + f"""
@@ -448,7 +448,7 @@ def test_pool_and_dataloader_after_tokenizer_and_torch(row: str) -> None:
 
 def test_parent_keeps_its_config_child_is_repaired() -> None:
     """After an unsafe fork the parent keeps parallel settings; only the child is repaired."""
-    pytest.importorskip("torch")
+    needs("torch")
     code = (
         TORCH_OP
         + PARALLEL_BATCH
@@ -482,7 +482,7 @@ def test_parent_keeps_its_config_child_is_repaired() -> None:
 
 def test_repaired_torch_child_refuses_more_threads() -> None:
     """In a repaired child torch.set_num_threads(2) raises UnsafeForkError instead of hanging."""
-    pytest.importorskip("torch")
+    needs("torch")
     code = (
         TORCH_OP
         + """
@@ -501,7 +501,7 @@ def test_repaired_torch_child_refuses_more_threads() -> None:
 
 def test_safe_fork_child_keeps_settings() -> None:
     """Child repair only for active pools: a safe fork's child keeps env and torch threads."""
-    pytest.importorskip("torch")
+    needs("torch")
     code = (
         TORCH_OP
         + """

@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from conftest import run_py, values
+from conftest import needs, run_py, values
 from net import free_port, get_json
 
 APPS = Path(__file__).parent / "apps"
@@ -45,7 +45,7 @@ SWITCHES = "'auto', 'on', 'off'"
 @functools.cache
 def torch_default() -> int:
     """torch's default intra-op thread count here (physical cores, not logical CPUs)."""
-    pytest.importorskip("torch")
+    needs("torch")
     out = subprocess.run(
         [sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
         check=True, capture_output=True, text=True, timeout=120, env=_env(),
@@ -182,7 +182,7 @@ def test_switched_on_master_is_cold_and_its_children_get_the_settings_back(
     """TOKGUARD_MASTER=on: torch at 1 thread and tokenizers serial here; each child gets the
     user's thread count (torch's default, or theirs) and TOKENIZERS_PARALLELISM back exactly,
     in os.environ and in the C environment."""
-    pytest.importorskip("torch")
+    needs("torch")
     imports = (
         "import torch\ntorch.set_num_threads(3)\nDEFAULT = 3\n"
         if order == "torch"
@@ -206,7 +206,7 @@ def test_switched_on_master_is_cold_and_its_children_get_the_settings_back(
 @pytest.mark.torch
 def test_context_manager_restores_the_settings_in_the_process() -> None:
     """with tokguard.master_mode('on'): cold inside; afterwards everything is as before."""
-    pytest.importorskip("torch")
+    needs("torch")
     result = run_py(
         FORK
         + """
@@ -232,7 +232,7 @@ def test_single_threaded_block_in_a_master_stays_cold_after_the_app_raised_threa
     """An app that sets torch.set_num_threads(2) at import and warms up under
     single_threaded() in a master: the warm-up starts no pool, 2 threads come back after the
     block, no report; the children run at 2 threads."""
-    pytest.importorskip("torch")
+    needs("torch")
     result = run_py(
         FORK
         + """
@@ -275,7 +275,7 @@ print("NOTES=" + " ".join(reports[0].notes) if reports else "NOTES=")
 def test_defeated_master_is_reported_with_the_line_and_repaired(tmp_path: Path) -> None:
     """A master that raises torch's threads and runs a model: the normal report and repair,
     and the report says master mode was defeated, and by which line."""
-    pytest.importorskip("torch")
+    needs("torch")
     script = tmp_path / "defeat.py"
     code = FORK + DEFEAT.format(before="", after="")
     result = run_py(code, env={"TOKGUARD_MASTER": "on"}, path=script)
@@ -290,7 +290,7 @@ def test_defeated_master_is_reported_with_the_line_and_repaired(tmp_path: Path) 
 @pytest.mark.torch
 def test_master_mode_begun_after_the_pool_ran_says_so(tmp_path: Path) -> None:
     """Switched on after a warm-up: too late to keep that pool cold; the report says why."""
-    pytest.importorskip("torch")
+    needs("torch")
     code = FORK + DEFEAT.format(before="", after="tokguard.master_mode('on')")
     result = run_py(code, path=tmp_path / "late.py")
     found = values(result)
@@ -324,7 +324,7 @@ print("CHILD=" + in_child(worker, deadline=15.0))
 def test_other_openmp_runtimes_kept_cold_through_threadpoolctl(switch: str) -> None:
     """sklearn's own libgomp: at one thread in the master, back to two in the child, which
     completes; the same warm-up unguarded (master mode off, guard off) hangs the child."""
-    pytest.importorskip("sklearn")
+    needs("sklearn")
     pytest.importorskip("threadpoolctl")
     env = {"TOKGUARD_MASTER": switch, "TOKGUARD_MODE": "warn" if switch == "on" else "off"}
     result = run_py(FORK + OTHER_OPENMP, env=env)
@@ -462,7 +462,7 @@ def test_servers_whose_workers_load_the_app_are_not_masters(
 ) -> None:
     """gunicorn without --preload and uvicorn (it spawns): each worker imports the app at full
     thread count; no process is a master."""
-    pytest.importorskip("torch")
+    needs("torch")
     if argv[0] == "gunicorn":
         argv = gunicorn(argv[1], preload=False)
     else:
@@ -486,7 +486,7 @@ def test_tokguard_imported_before_the_app_recognises_the_master_at_torchs_import
 ) -> None:
     """tokguard imported by gunicorn.conf.py (preload_app = True), before the arbiter exists:
     the master is recognised when the app imports torch, so the app's import runs cold."""
-    pytest.importorskip("torch")
+    needs("torch")
     conf = tmp_path / "gunicorn.conf.py"
     conf.write_text("import tokguard  # noqa: F401\npreload_app = True\n")
     argv = gunicorn("master_app:app", preload=False)
@@ -623,11 +623,16 @@ def celery_worker(pool: str | None, env: dict[str, str], log: Path, *extra: str)
         _stop_group(proc)
 
 
+# The client sends the task by name: importing master_celery would import torch (seconds of
+# CPU in every test) only to queue a message.
 CLIENT = """
-import json, sys
+import json, os, sys
+from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeout
-from master_celery import settings
-pending = [settings.delay("query %d" % i if sys.argv[1] == "score" else None) for i in range(int(sys.argv[2]))]
+broker = os.environ["TOKGUARD_TEST_BROKER"]
+app = Celery("client", broker=broker, backend=broker)
+queries = ["query %d" % i if sys.argv[1] == "score" else None for i in range(int(sys.argv[2]))]
+pending = [app.send_task("master_celery.settings", args=[query]) for query in queries]
 answers = []
 for result in pending:
     try:

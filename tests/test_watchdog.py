@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_py, watchdog
+from conftest import needs, run_py, watchdog
 
 DEADLINE = 60.0  # the outer bound of the "hung" cases: far beyond any recognition
 WAIT = 1.0  # how long the healthy children busy-loop, sleep or wait: over 3 settle windows
@@ -85,7 +85,7 @@ child = lambda: tok.encode_batch(_lab.corpus(8))
 @pytest.mark.torch
 def test_torch_pool_child_is_recognised() -> None:
     """Hang-table row 4: a forked child of a parent whose OpenMP pool ran waits in its barrier."""
-    pytest.importorskip("torch")
+    needs("torch")
     setup = """
 import torch
 torch.set_num_threads(2)
@@ -180,7 +180,7 @@ threading.Thread(target=post, daemon=True).start()
 @pytest.mark.torch
 def test_spinning_openmp_workers_are_left_to_the_deadline() -> None:
     """OMP_WAIT_POLICY=ACTIVE: the hung child spins at 100 % CPU, so only the deadline ends it."""
-    pytest.importorskip("torch")
+    needs("torch")
     setup = """
 import torch
 torch.set_num_threads(2)
