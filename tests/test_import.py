@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TOKGUARD_DIR, run_py, values
+from conftest import TOKGUARD_DIR, needs, run_py, values
 
 FORBIDDEN = (
     "wrapt",
@@ -145,7 +145,7 @@ def test_late_import_instruments_at_once() -> None:
 
 def test_torch_instrumented_when_imported() -> None:
     """torch imported after tokguard gets its nn.Module call and matmul wrappers."""
-    pytest.importorskip("torch")
+    needs("torch")
     code = """
     import tokguard
     import torch

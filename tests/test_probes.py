@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import run_py, values, watch_result
+from conftest import needs, run_py, values, watch_result
 
 FORKS = 10
 
@@ -256,8 +256,7 @@ def test_subprocess_run_spawn_and_forkserver_give_no_report(tmp_path) -> None:
 
 def test_thread_count_alone_is_not_a_hazard() -> None:
     """import torch and sentence_transformers adds native threads, yet hazards() is empty."""
-    pytest.importorskip("torch")
-    pytest.importorskip("sentence_transformers")
+    needs("torch", "sentence_transformers")
     code = """
     import torch, sentence_transformers
     from tokguard import _threads
@@ -274,7 +273,7 @@ def test_thread_count_alone_is_not_a_hazard() -> None:
 
 def test_torch_op_is_found_by_the_census() -> None:
     """A parallel torch op leaves GNU OpenMP workers alive: the census names them."""
-    pytest.importorskip("torch")
+    needs("torch")
     code = """
     import torch
     torch.set_num_threads(2)
@@ -292,7 +291,7 @@ def test_torch_op_is_found_by_the_census() -> None:
 
 def test_torch_single_thread_op_is_safe() -> None:
     """Hang-table row 6: ops run at one thread start no pool, so there is nothing to report."""
-    pytest.importorskip("torch")
+    needs("torch")
     code = """
     import torch
     torch.set_num_threads(1)
@@ -359,7 +358,7 @@ def test_row10_cold_warmup_no_report_and_child_keeps_settings(cross_encoder_path
 
 def test_cuda_probe_quiet_without_cuda() -> None:
     """On a machine where torch never initialised CUDA, the CUDA probe reports nothing."""
-    pytest.importorskip("torch")
+    needs("torch")
     code = """
     import torch
     from tokguard.pools import torch_cuda
@@ -427,7 +426,7 @@ def test_spin_policy_reads_the_settings_that_keep_libgomp_spinning() -> None:
 @pytest.mark.parametrize("policy", ["PASSIVE", "ACTIVE"])
 def test_bare_tensor_op_is_found_under_both_wait_policies(policy: str) -> None:
     """q @ E.T alone (no module call) is a hazard whose first use is recorded, spinning or not."""
-    pytest.importorskip("torch")
+    needs("torch")
     code = """
     import torch
     torch.set_num_threads(2)
