@@ -399,9 +399,12 @@ def _unwatch_torch() -> None:
 
 
 def _limit_other_openmp() -> None:
-    """Runtimes are looked for when master mode begins and when torch, tokenizers or sklearn
-    is imported; one loaded otherwise is not limited, and if its pool runs in the master,
-    the fork is reported and repaired."""
+    """Other libraries' GNU OpenMP runtimes at one thread (the openmp pool's ``limit_others``).
+
+    Looked for when master mode begins and when torch, tokenizers or sklearn is imported; a
+    runtime loaded otherwise is not limited, and if its pool runs in the master, the fork is
+    reported and repaired.
+    """
     if reason is None:
         return
     from .pools import openmp

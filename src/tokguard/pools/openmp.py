@@ -51,8 +51,10 @@ class OtherOpenMP(Pool):
             return
         self._limits = threadpool_limits(limits=1, user_api="openmp")
 
-    # Master mode only (``_master``): single_threaded() holds the pools whose setting it can
-    # save before they load; these runtimes come with whatever library links them.
+    # Master mode only (``_master``): a single_threaded() block holds what its warm-up starts
+    # (torch, tokenizers), while a master holds the process for good, so it also limits the
+    # OpenMP runtimes other libraries bring (scikit-learn's), looked for again at each import
+    # of such a library. kept_cold says so; cold_save stays None for single_threaded().
 
     def limit_others(self) -> None:
         """Other libraries' OpenMP runtimes at one thread, through threadpoolctl when installed.
