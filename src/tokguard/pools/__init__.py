@@ -65,8 +65,8 @@ class Pool:
     def repair_child(self) -> None:
         """Make the pool safe in a forked child (only called where ``repair`` is set)."""
 
-    # Keeping the pool cold: ``single_threaded()`` and master mode (``_coldstart``) save each
-    # loaded pool's setting, hold the pool at one thread, and put the setting back when the
+    # Keeping the pool cold: ``single_threaded()`` and master mode (``_coldstart``) save every
+    # pool's setting, hold the pool at one thread, and put the setting back when the
     # last block ends (in a master's workers: right after the fork). A pool that has no
     # setting to hold keeps these defaults, and ``kept_cold`` None.
 
