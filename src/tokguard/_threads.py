@@ -108,6 +108,15 @@ def _load_ranges() -> None:
     _ranges[:] = found
 
 
+def openmp_libraries() -> set[str]:
+    """Paths of the OpenMP runtimes mapped into this process now (the mappings read afresh)."""
+    try:
+        _load_ranges()
+    except OSError:
+        return set()
+    return {path for _, _, path in _ranges}
+
+
 def _library_at(pc: int) -> str | None:
     for start, end, path in _ranges:
         if start <= pc < end:

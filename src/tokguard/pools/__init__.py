@@ -233,13 +233,16 @@ def hazards() -> "list[Hazard]":
     return assess()[0]
 
 
+_COLDSTART = f"{__name__.rpartition('.')[0]}._coldstart"  # looked up at every judged fork
+
+
 def block_restores(pool: Pool) -> tuple[bool, object]:
     """(inside a single_threaded() block?, the setting of ``pool`` the block will put back).
 
     A fork inside a block is judged on that, not on the block's temporary one: the child
     leaves the block too, and would then use a pool that died at the fork.
     """
-    coldstart = sys.modules.get(f"{__name__.rpartition('.')[0]}._coldstart")
+    coldstart = sys.modules.get(_COLDSTART)
     if coldstart is None or not coldstart.active():
         return False, None
     return True, coldstart.restored_settings().get(pool.id)

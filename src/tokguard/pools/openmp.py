@@ -93,20 +93,13 @@ class OtherOpenMP(Pool):
 
 
 def _runtimes() -> set[str]:
-    """Paths of the OpenMP runtimes mapped into this process, torch's own left out."""
+    """Real paths of the OpenMP runtimes mapped into this process, torch's own left out."""
+    from .. import _threads  # master mode only: not loaded at ``import tokguard``
+
     here = torch_dir()
-    found = set()
-    try:
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                if "omp" not in line:
-                    continue
-                path = line.split(None, 5)[-1].strip()
-                if os.path.basename(path).startswith(("libgomp", "libomp", "libiomp")):
-                    found.add(os.path.realpath(path))
-    except OSError:
-        return set()
-    return {p for p in found if not (here and p.startswith(os.path.realpath(here) + os.sep))}
+    torch_real = os.path.realpath(here) + os.sep if here else None
+    found = {os.path.realpath(p) for p in _threads.openmp_libraries()}
+    return {p for p in found if not (torch_real and p.startswith(torch_real))}
 
 
 POOL = OtherOpenMP()
