@@ -453,9 +453,10 @@ def describe() -> "dict[str, Any]":
         from .pools import openmp, tokenizers_rayon, torch_openmp
 
         saved = coldstart.restored_settings()
-        rayon = saved.get(tokenizers_rayon.POOL.id)
         info["restores"] = {
-            "TOKENIZERS_PARALLELISM": rayon[1] if isinstance(rayon, tuple) else None,
+            "TOKENIZERS_PARALLELISM": tokenizers_rayon.c_value_of(
+                saved.get(tokenizers_rayon.POOL.id)
+            ),
             "torch_threads": saved.get(torch_openmp.POOL.id),
             "openmp": openmp.POOL.limited_others(),
         }

@@ -97,7 +97,7 @@ class TokenizersRayon(Pool):
         var = _env.PARALLELISM_VAR
         in_block, saved = block_restores(self)
         if in_block:
-            value = saved[1] if isinstance(saved, tuple) else None
+            value = c_value_of(saved)
             # The child leaves the block too and gets this value back; unset counts as
             # parallel there, since tokenizers' own atfork handler saw the block's "false".
             if value is not None and not _env.parallel(value):
@@ -166,6 +166,11 @@ class TokenizersRayon(Pool):
 
 
 POOL = TokenizersRayon()
+
+
+def c_value_of(saved: object) -> str | None:
+    """The C-environment value in what ``cold_save`` saved (None: unset, or nothing saved)."""
+    return saved[1] if isinstance(saved, tuple) else None
 
 
 def _note_rayon() -> None:
