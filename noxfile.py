@@ -37,6 +37,10 @@ nox.options.error_on_missing_interpreters = False
 nox.options.reuse_venv = "yes"
 nox.options.sessions = ["lint", "full", "tests", "freethreaded"]
 os.environ["UV_PYTHON_DOWNLOADS"] = "never"
+# uv installs without bytecode, and these machines set PYTHONDONTWRITEBYTECODE (so do the
+# tests' interpreters): every process the suite starts would compile pytest, celery, tokenizers'
+# Python part... from source. Compiled once at install, tests-3.12 took 83 s of CPU, not 108.
+os.environ["UV_COMPILE_BYTECODE"] = "1"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -70,6 +74,9 @@ os.environ["PATH"] = f"{_interpreters()}{os.pathsep}{os.environ['PATH']}"
 
 
 def _pytest(session: nox.Session, python: str, *args: str) -> None:
+    # tokguard is installed editable: its own bytecode is compiled here, once, instead of in
+    # each of the hundreds of interpreters the suite starts (about 20 ms each).
+    session.run(python, "-m", "compileall", "-q", str(ROOT / "src" / "tokguard"), silent=True)
     session.run(python, "-m", "pytest", "-p", "no:cacheprovider", *args, *session.posargs)
 
 
@@ -83,7 +90,9 @@ def lint(session: nox.Session) -> None:
     for command in (
         ["ruff", "check", "src", "tests", "benchmarks", "noxfile.py"],
         ["ruff", "format", "--check", "src", "tests", "benchmarks", "noxfile.py"],
-        ["mypy"],
+        # mypy's cache beside the interpreters', so that a fresh clone starts warm: mypy checks
+        # every cached entry against its source, and a cold run costs 47 s of CPU, a warm 1 s.
+        ["mypy", "--cache-dir", str(CACHE.parent / "mypy")],
     ):
         session.run(str(VENV_BIN / command[0]), *command[1:], external=True)
 
