@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -89,6 +90,7 @@ def run_py(
     python: str = sys.executable,
     cwd: str | None = None,
     path: str | os.PathLike[str] | None = None,
+    monitor: Callable[[int], watchdog.HangMonitor | watchdog.PoolMonitor] | None = None,
 ) -> Result:
     """Run ``code`` in a fresh interpreter with HF_HUB_OFFLINE=1 and a deadline.
 
@@ -97,6 +99,8 @@ def run_py(
     ``path``: write the code to this file and run it as a script (so reports name its lines).
     On timeout, when the interpreter is recognised as hung (``watchdog.HangMonitor``: every
     thread stuck in a futex wait), and always at the end, its whole process group is killed.
+    ``monitor(pid)`` replaces that recognition, for a run whose main process keeps waking while
+    the processes it waits on are stuck (``descendant_workers``).
     """
     source = textwrap.dedent(code)
     if guard is not None:
@@ -128,7 +132,7 @@ def run_py(
         text=True,
         start_new_session=True,
     )
-    monitor = watchdog.HangMonitor(proc.pid)
+    watcher = (monitor or watchdog.HangMonitor)(proc.pid)
     start = time.monotonic()
     try:
         while True:
@@ -139,16 +143,40 @@ def run_py(
                 pass
             # The interpreter itself stuck (every thread in a futex wait, no CPU): waiting
             # longer cannot change anything, so stop now instead of at the deadline.
-            hung = monitor.hung()
+            hung = watcher.hung()
             if hung or time.monotonic() - start >= timeout:
                 _kill_group(proc.pid)
                 out, err = proc.communicate()
-                why = "hung (every thread blocked in a futex wait)" if hung else "timeout"
+                why = (
+                    "hung (recognised: stuck in futex waits, no CPU progress)"
+                    if hung
+                    else "timeout"
+                )
                 waited = time.monotonic() - start
                 return Result(-9, out, err + f"\n[run_py: {why}, killed after {waited:.1f} s]")
     finally:
         _kill_group(proc.pid)
     return Result(proc.returncode, out, err)
+
+
+def children(pid: int) -> list[int]:
+    """The pids of ``pid``'s children (none once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(child) for child in f.read().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def descendant_workers(pid: int) -> watchdog.PoolMonitor:
+    """A ``run_py`` monitor: hung once every grandchild of ``pid`` is hung (and there is one).
+
+    For a process that waits on a pool whose workers a server of its own forked (the
+    forkserver's): the pool's handler threads wake the main process every 0.1 s, so only
+    its workers can be seen stuck. An idle worker waits on a pipe or a process-shared lock,
+    which is not a hang.
+    """
+    return watchdog.PoolMonitor(lambda: [g for child in children(pid) for g in children(child)])
 
 
 def _kill_group(pgid: int) -> None:

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Result, run_py
+from conftest import Result, descendant_workers, run_py
 
-# Without tokguard the map never returns: the bound only decides how long a hang is watched.
+# Without tokguard the map never returns: the hang is recognised once every worker of the
+# forkserver is stuck; the bound only decides how long one that is not recognised is watched.
 HANG_BOUND = 20.0
 # With tokguard the run must finish; this bound only keeps a regression from waiting forever.
 RUN_BOUND = 180.0
@@ -122,7 +123,12 @@ def _write(folder: Path, main: str, *, guard: bool) -> Path:
 def _run(folder: Path, main: str, *, guard: bool, env: dict[str, str], bound: float) -> Result:
     script = _write(folder, main, guard=guard)
     return run_py(
-        script.read_text(), path=script, cwd=str(folder), env={**ENV, **env}, timeout=bound
+        script.read_text(),
+        path=script,
+        cwd=str(folder),
+        env={**ENV, **env},
+        timeout=bound,
+        monitor=descendant_workers,
     )
 
 
@@ -132,6 +138,7 @@ def _hangs_then_completes(tmp_path: Path, main: str, env: dict[str, str]) -> Non
     guarded.mkdir()
     hung = _run(bare, main, guard=False, env=env, bound=HANG_BOUND)
     assert hung.returncode == -9, f"expected the workers to hang without tokguard:\n{hung}"
+    assert "[run_py: hung (recognised" in hung.stderr, f"not recognised as hung:\n{hung}"
     assert "DONE" not in hung.stdout
     done = _run(guarded, main, guard=True, env=env, bound=RUN_BOUND)
     assert done.returncode == 0, done

@@ -254,23 +254,6 @@ def test_subprocess_run_spawn_and_forkserver_give_no_report(tmp_path) -> None:
 # --- torch ------------------------------------------------------------------------------------
 
 
-def test_thread_count_alone_is_not_a_hazard() -> None:
-    """import torch and sentence_transformers adds native threads, yet hazards() is empty."""
-    needs("torch", "sentence_transformers")
-    code = """
-    import torch, sentence_transformers
-    from tokguard import _threads
-    torch.set_num_threads(2)
-    census = _threads.census()
-    print("NATIVE=%d" % census.native_threads)
-    print("HAZARDS=%s" % tokguard.hazards())
-    """
-    result = run_py(code, guard=True, timeout=180)
-    assert result.returncode == 0, str(result)
-    assert int(values(result)["NATIVE"]) >= 1, str(result)
-    assert values(result)["HAZARDS"] == "[]"
-
-
 def test_torch_op_is_found_by_the_census() -> None:
     """A parallel torch op leaves GNU OpenMP workers alive: the census names them."""
     needs("torch")
@@ -305,11 +288,18 @@ def test_torch_single_thread_op_is_safe() -> None:
     assert values(result)["HAZARDS"] == "[]"
 
 
-def test_model_call_records_torch_first_use(cross_encoder_path: str) -> None:
-    """A CrossEncoder.predict at two threads is named as the torch pool's first use."""
+def test_imports_are_not_a_hazard_a_model_call_is_the_first_use(cross_encoder_path: str) -> None:
+    """Importing torch and sentence_transformers adds native threads, yet hazards() is empty;
+    then a CrossEncoder.predict at two threads is named as the torch pool's first use.
+
+    One interpreter for both: the sentence-transformers import alone is 7 s of CPU.
+    """
     code = f"""
-    import torch
+    import torch, sentence_transformers
+    from tokguard import _threads
     torch.set_num_threads(2)
+    print("NATIVE=%d" % _threads.census().native_threads)
+    print("HAZARDS=%s" % tokguard.hazards())
     model = _lab.load_cross_encoder({cross_encoder_path!r})
     model.predict([("a", "b")], show_progress_bar=False)  # PREDICT
     found = {{h.pool: h for h in tokguard.hazards()}}
@@ -318,6 +308,8 @@ def test_model_call_records_torch_first_use(cross_encoder_path: str) -> None:
     """
     result = run_py(code, guard=True, timeout=240)
     assert result.returncode == 0, str(result)
+    assert int(values(result)["NATIVE"]) >= 1, str(result)
+    assert values(result)["HAZARDS"] == "[]"
     assert "torch-openmp" in values(result)["POOLS"]
     assert values(result)["FIRST"].startswith("<string>:"), str(result)
 
