@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import pytest
 
-from conftest import watchdog
+from conftest import children, watchdog
 from net import free_port, get_json
 
 pytestmark = [pytest.mark.slow, pytest.mark.torch]
@@ -160,12 +160,7 @@ def _hung_workers(master: int, until: Callable[[], bool]) -> set[int]:
     monitors: dict[int, watchdog.HangMonitor] = {}
     hung: set[int] = set()
     while not until():
-        try:
-            with open(f"/proc/{master}/task/{master}/children") as f:
-                workers = [int(pid) for pid in f.read().split()]
-        except OSError:
-            workers = []
-        for pid in workers:
+        for pid in children(master):
             if pid not in hung and monitors.setdefault(pid, watchdog.HangMonitor(pid)).hung():
                 hung.add(pid)
         time.sleep(0.05)
