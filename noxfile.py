@@ -7,6 +7,10 @@
   CPython, each in its own environment made by uv.
   3.14t (free-threaded) runs it too where `scripts/pythons` could build it.
 - freethreaded-3.13t: `import tokguard` and the lazy_model tests on free-threaded 3.13.
+- peers: test suites this project did not write (CPython's, torch's DataLoader paths,
+  pytest-xdist's and pytest-forked's), each run with and without tokguard and compared test
+  by test (tests/peers/, marker ``peers``). A session of its own, so that it runs beside the
+  3.11 suite instead of lengthening it.
 
 Interpreters: pyenv's versions, the system's, and the cache that `scripts/pythons` fills from
 Debian's archive. Nothing is downloaded by nox or uv: an interpreter that is missing makes
@@ -35,7 +39,7 @@ nox.options.default_venv_backend = "uv"
 nox.options.download_python = "never"
 nox.options.error_on_missing_interpreters = False
 nox.options.reuse_venv = "yes"
-nox.options.sessions = ["lint", "full", "tests", "freethreaded"]
+nox.options.sessions = ["lint", "full", "tests", "freethreaded", "peers"]
 os.environ["UV_PYTHON_DOWNLOADS"] = "never"
 # uv installs without bytecode, and these machines set PYTHONDONTWRITEBYTECODE (so do the
 # tests' interpreters): every process the suite starts would compile pytest, celery, tokenizers'
@@ -103,14 +107,20 @@ def full(session: nox.Session) -> None:
 
     nox itself runs from that .venv, so it exists; `bash scripts/test` refreshes it first.
     """
-    _pytest(session, str(VENV_BIN / "python"))
+    _pytest(session, str(VENV_BIN / "python"), "-m", "not peers")
+
+
+@nox.session(python=False)
+def peers(session: nox.Session) -> None:
+    """Other projects' test suites, with and without tokguard (tests/peers/), in the .venv."""
+    _pytest(session, str(VENV_BIN / "python"), "-m", "peers", "tests/peers")
 
 
 @nox.session(python=OTHERS)
 def tests(session: nox.Session) -> None:
     """The torch-free part of the suite (tokenizers included) on this CPython."""
     session.install("-c", CONSTRAINTS, "-e", ".", "--group", "test")
-    _pytest(session, "python", "-m", "not slow")
+    _pytest(session, "python", "-m", "not slow and not peers")
 
 
 @nox.session(python=FREE_THREADED)

@@ -260,8 +260,18 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
     return 3 * (cores or 1)
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: the peers mark must be on by then
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Slow tests (servers, models) first: pytest-xdist then ends on short tests, not a long tail."""
+    """Slow tests (servers, models) first: pytest-xdist then ends on short tests, not a long tail.
+
+    Every test under tests/peers/ (other projects' suites, run with and without tokguard) is
+    marked ``peers`` here, so that no module there can forget it: ``nox -s peers`` runs them,
+    and the other sessions leave them out.
+    """
+    peers = Path(__file__).parent / "peers"
+    for item in items:
+        if peers in item.path.parents:
+            item.add_marker(pytest.mark.peers)
     items.sort(
         key=lambda item: (
             item.get_closest_marker("slow") is None,
