@@ -31,6 +31,8 @@ DISTRIBUTIONS = (
     "wrapt",
     "threadpoolctl",
     "uWSGI",
+    "grpcio",
+    "hf-xet",
 )
 
 # Variables that size the pools: shown when set, because they change what a fork risks.
@@ -177,7 +179,15 @@ def collect(import_libraries: bool = True) -> dict[str, Any]:
         }
     )
     info["hazards"] = [_report.hazard_dict(h) for h in hazards]
+    if info["master"]["active"]:
+        # Pools with no setting to hold stay cold in a master only by not being started.
+        running = {h.pool for h in hazards}
+        info["master"]["not_started"] = [
+            pool.title for pool in pools.ALL if pool.kept_cold is None and pool.id not in running
+        ]
     info["pools"] = [pool.id for pool in pools.known()]
+    # Each pool's word on its library as installed and set up, whether it runs or not.
+    info["runtimes"] = [line for pool in pools.known() for line in pool.doctor_lines()]
     info["uwsgi"] = _uwsgi.status()
     info["advice"] = advice(info)
     return info
@@ -268,6 +278,20 @@ def _master_lines(master: dict[str, Any]) -> list[str]:
             f"  workers get {_env.PARALLELISM_VAR}={_show(restores[_env.PARALLELISM_VAR])}, "
             f"torch threads {restores['torch_threads'] or 'default'}"
         )
+    if master.get("not_started"):
+        lines.append(
+            "  not started here, nothing to hold (each worker starts its own): "
+            + ", ".join(master["not_started"])
+        )
+    return lines
+
+
+def _pool_lines(info: dict[str, Any]) -> list[str]:
+    """The pools watched, then what each pool's library says about itself, if anything."""
+    lines = [f"Pools       {', '.join(info['pools'])} (the ones tokguard watches)"]
+    if info["runtimes"]:
+        lines.append("Runtimes")
+        lines.extend(f"  - {line}" for line in info["runtimes"])
     return lines
 
 
@@ -345,7 +369,7 @@ def render(info: dict[str, Any]) -> str:
             + (" (multi-threaded)" if threads["os_threads"] > 1 else "")
         )
     out.extend(_uwsgi.describe(info.get("uwsgi")))
-    out.append(f"Pools       {', '.join(info['pools'])} (the ones tokguard watches)")
+    out.extend(_pool_lines(info))
     if info["hazards"]:
         out.append("Hazards now")
         out.extend(_report.render_hazards(_report.hazard_from_dict(h) for h in info["hazards"]))

@@ -65,6 +65,11 @@ class Pool:
     def repair_child(self) -> None:
         """Make the pool safe in a forked child (only called where ``repair`` is set)."""
 
+    def doctor_lines(self) -> list[str]:
+        """What ``tokguard doctor`` says about the pool's library as installed and set up (a
+        version, an environment variable) under "Runtimes", without importing it; often nothing."""
+        return []
+
     # Keeping the pool cold: ``single_threaded()`` and master mode (``_coldstart``) save every
     # pool's setting, hold the pool at one thread, and put the setting back when the
     # last block ends (in a master's workers: right after the fork). A pool that has no
@@ -273,4 +278,7 @@ REGISTRY: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("openmp", ()),
     ("torch_cuda", ("torch",)),
     ("polars", ("polars",)),
+    ("grpc_core", ("grpc",)),
+    ("hf_xet_tokio", ("hf_xet",)),
+    ("tokio", ()),
 )
