@@ -180,9 +180,10 @@ def collect(import_libraries: bool = True) -> dict[str, Any]:
     )
     info["hazards"] = [_report.hazard_dict(h) for h in hazards]
     if info["master"]["active"]:
-        # Pools with no setting to hold stay cold in a master only by not being started.
+        # A pool with no setting to hold is cold in a master only where it was not started
+        # (or, hf_xet's, survives a fork): the workers start their own.
         running = {h.pool for h in hazards}
-        info["master"]["not_started"] = [
+        info["master"]["nothing_to_hold"] = [
             pool.title for pool in pools.ALL if pool.kept_cold is None and pool.id not in running
         ]
     info["pools"] = [pool.id for pool in pools.known()]
@@ -278,10 +279,10 @@ def _master_lines(master: dict[str, Any]) -> list[str]:
             f"  workers get {_env.PARALLELISM_VAR}={_show(restores[_env.PARALLELISM_VAR])}, "
             f"torch threads {restores['torch_threads'] or 'default'}"
         )
-    if master.get("not_started"):
+    if master.get("nothing_to_hold"):
         lines.append(
-            "  not started here, nothing to hold (each worker starts its own): "
-            + ", ".join(master["not_started"])
+            "  no setting to hold, none unsafe here (workers start their own): "
+            + ", ".join(master["nothing_to_hold"])
         )
     return lines
 
