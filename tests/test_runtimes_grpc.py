@@ -182,7 +182,11 @@ def test_warn_mode_reports_grpc_with_the_line_that_opened_the_channel(
     assert "gRPC core (channels and servers): " in result.stderr
     assert "gRPC core thread(s) are alive" in result.stderr
     assert "GRPC_ENABLE_FORK_SUPPORT is off" in result.stderr
-    assert "post_fork" in result.stderr
+    assert "A child forked now would fail with an error, because" in result.stderr
+    fixes = result.stderr.split("Fix it for good, any one of:\n", 1)[1].splitlines()
+    assert fixes[0].startswith("  - open channels, servers and exporters"), fixes
+    assert "gunicorn's post_fork hook" in fixes[0]
+    assert "keep the pools cold" not in result.stderr  # gRPC has no setting to hold
     line = prelude_lines(True) + line_of(code, "# OPENED")
     assert f"first used at {script}:{line} in <module>" in result.stderr, str(result)
     assert "child repair: none possible: the child must not use it" in result.stderr
@@ -302,7 +306,8 @@ def test_master_that_opened_a_channel_is_reported(port: int) -> None:
 
 def test_doctor_shows_grpc_its_settings_and_a_running_server(port: int, tmp_path: Path) -> None:
     """doctor: grpcio's line says what GRPC_ENABLE_FORK_SUPPORT and GRPC_POLL_STRATEGY do;
-    a started server is a hazard whose first use is the grpc.server line."""
+    a started server is a hazard whose first use is the grpc.server line, and with gRPC's fork
+    support on, a child would hang rather than fail."""
     script = tmp_path / "serve.py"
     code = dedent("""
     import json
@@ -322,7 +327,7 @@ def test_doctor_shows_grpc_its_settings_and_a_running_server(port: int, tmp_path
     result = run_py(code, guard=True, env=env, path=script)
     assert result.returncode == 0, str(result)
     (hazard,) = json.loads(values(result)["JSON"])
-    assert (hazard["pool"], hazard["repair"]) == ("grpc", None)
+    assert (hazard["pool"], hazard["repair"], hazard["consequence"]) == ("grpc", None, "hang")
     line = prelude_lines(True) + line_of(code, "# SERVER")
     assert hazard["first_use"] == f"{script}:{line} in <module>"
     assert "GRPC_ENABLE_FORK_SUPPORT is on" in hazard["evidence"]

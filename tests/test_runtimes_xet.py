@@ -142,6 +142,7 @@ def test_old_hf_xet_hangs_children_and_is_reported(mode: str, tmp_path: Path) ->
     watch(upload, {FORKS}, 15.0)
     print("POOLS=%s" % ((heard[0].pools if heard else ()),))
     print("EVIDENCE=%s" % (heard[0].hazards[0].evidence if heard else ""))
+    print("FIX=%s" % (heard[0].fixes[0] if heard else ""))
     """)
     env = {
         "PYTHONPATH": str(OLD_HF_XET),
@@ -157,7 +158,8 @@ def test_old_hf_xet_hangs_children_and_is_reported(mode: str, tmp_path: Path) ->
         assert watch_result(result) == (FORKS, 0, 0, FORKS, 0), str(result)
         return
     assert found["POOLS"] == "('hf-xet-tokio',)", str(result)
-    assert "Upgrade hf_xet to 1.1.6 or later" in found["EVIDENCE"]
+    assert "hf_xet 1.1" in found["EVIDENCE"], str(result)
+    assert found["FIX"].startswith("upgrade hf_xet to 1.1.6 or later"), str(result)
     if mode == "raise":
         assert watch_result(result) == (FORKS, 0, 0, 0, FORKS), str(result)
 

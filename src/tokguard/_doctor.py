@@ -178,7 +178,7 @@ def collect(import_libraries: bool = True) -> dict[str, Any]:
             "openmp_workers": census.openmp,
         }
     )
-    info["hazards"] = [_report.hazard_dict(h) for h in hazards]
+    info["hazards"] = [h.as_dict() for h in hazards]
     if info["master"]["active"]:
         # A pool with no setting to hold is cold in a master only where it was not started
         # (or, hf_xet's, survives a fork): the workers start their own.
@@ -373,7 +373,7 @@ def render(info: dict[str, Any]) -> str:
     out.extend(_pool_lines(info))
     if info["hazards"]:
         out.append("Hazards now")
-        out.extend(_report.render_hazards(_report.hazard_from_dict(h) for h in info["hazards"]))
+        out.extend(_report.render_hazards(_report.Hazard.from_dict(h) for h in info["hazards"]))
     else:
         out.append("Hazards now none: a fork from this process would not hang")
     out.append("Advice")

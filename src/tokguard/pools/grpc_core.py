@@ -70,6 +70,14 @@ class GrpcCore(Pool):
         "client of another service), ended when the last one is closed. Found by its threads' "
         "names, grpc_global_tim, event_engine, lifeguard..., in /proc/self/task/*/comm."
     )
+    consequence = "fail"  # where gRPC's fork support is off, as it is by default
+    fixes = (
+        "open channels, servers and exporters (OpenTelemetry's OTLP gRPC exporter) in each "
+        "worker, after the fork: in gunicorn's post_fork hook, celery's worker_process_init "
+        "signal, a multiprocessing Pool's initializer",
+        "or close every channel and server before forking (channel.close(), "
+        "server.stop(None)): gRPC's threads end a few milliseconds after the last one",
+    )
 
     def __init__(self) -> None:
         super().__init__()
@@ -95,18 +103,17 @@ class GrpcCore(Pool):
             return None
         if self.opened_by != os.getpid():
             self.first_use = None
-        support = (
-            f"{FORK_SUPPORT_VAR} is on: the child's inherited channels are closed and a fork "
-            "made while another thread is inside a call hangs the child"
-            if fork_support()
-            else f"{FORK_SUPPORT_VAR} is off"
-        )
+        if fork_support():
+            # gRPC's handlers close the child's channels; a fork made during a call hangs it.
+            setting, consequence = f"{FORK_SUPPORT_VAR} is on", "hang"
+        else:
+            setting, consequence = f"{FORK_SUPPORT_VAR} is off", "fail"
         return self.hazard(
             f"{threads} gRPC core thread(s) are alive: a channel or server is open, and a "
-            "forked child that makes an RPC fails (UNAVAILABLE) or hangs; "
-            f"{support}. Open channels and servers after the fork (gunicorn's post_fork, "
-            "celery's worker_process_init), or close them before it",
+            "forked child's RPCs fail (UNAVAILABLE, or its channel closed), or hang where "
+            f"another thread was inside a call at the fork; {setting}",
             self.first_use,
+            consequence,
         )
 
     def doctor_lines(self) -> list[str]:

@@ -58,6 +58,10 @@ class HfXetTokio(Pool):
         "its threads' names, hf-xet-0, hf-xet-1..., in /proc/self/task/*/comm. Reported only "
         "for those releases: from 1.1.6 on a forked child gets a runtime of its own."
     )
+    fixes = (
+        f"upgrade hf_xet to {_show(FORK_SAFE_SINCE)} or later: it gives a forked child a "
+        "runtime of its own",
+    )
 
     def __init__(self) -> None:
         super().__init__()
@@ -84,9 +88,7 @@ class HfXetTokio(Pool):
             return None
         return self.hazard(
             f"{threads} hf-xet-N runtime thread(s) are alive (hf_xet {_show(installed)} starts "
-            "its runtime at import): a forked child's download or upload hangs. Upgrade "
-            f"hf_xet to {_show(FORK_SAFE_SINCE)} or later, which gives a forked child a "
-            "runtime of its own, or start workers with spawn or forkserver"
+            "its runtime at import): a forked child's download or upload hangs"
         )
 
     def doctor_lines(self) -> list[str]:

@@ -32,7 +32,7 @@ class OtherOpenMP(Pool):
         self._limited: list[tuple[Any, int]] = []  # master mode: controller, threads before
 
     def detect(self, census: "_threads.Census | None") -> "Hazard | None":
-        if census is None:
+        if census is None or not census.openmp:
             return None
         here = torch_dir() or "\0"
         teams = {p: n for p, n in census.hanging_openmp().items() if not p.startswith(here)}

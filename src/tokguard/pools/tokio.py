@@ -40,6 +40,10 @@ class Tokio(Pool):
         "names, tokio-rt-worker (tokio-runtime-w in older tokio), in /proc/self/task/*/comm; "
         "the report names the library where the loaded modules tell."
     )
+    fixes = (
+        "fork before the first call that starts the runtime, or make those calls only in "
+        "the workers",
+    )
 
     def detect(self, census: _threads.Census | None) -> Hazard | None:
         if census is not None and not census.native:
@@ -54,8 +58,7 @@ class Tokio(Pool):
         owner = "; ".join(owners) if owners else "no library tokguard knows owns it"
         return self.hazard(
             f"{threads} tokio worker thread(s) are alive ({owner}): a forked child that hands "
-            "the runtime work hangs. Start workers with spawn or forkserver, or fork before "
-            "the first call that starts the runtime"
+            "the runtime work hangs"
         )
 
 
