@@ -75,7 +75,7 @@ class GrpcCore(Pool):
         "open channels, servers and exporters (OpenTelemetry's OTLP gRPC exporter) in each "
         "worker, after the fork: in gunicorn's post_fork hook, celery's worker_process_init "
         "signal, a multiprocessing Pool's initializer",
-        "or close every channel and server before forking (channel.close(), "
+        "close every channel and server before forking (channel.close(), "
         "server.stop(None)): gRPC's threads end a few milliseconds after the last one",
     )
 
