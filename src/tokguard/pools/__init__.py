@@ -273,4 +273,6 @@ REGISTRY: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("openmp", ()),
     ("torch_cuda", ("torch",)),
     ("polars", ("polars",)),
+    ("onnxruntime", ("onnxruntime",)),
+    ("numba", ("numba",)),
 )
