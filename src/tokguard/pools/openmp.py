@@ -33,7 +33,7 @@ class OtherOpenMP(Pool):
         self._limited: list[tuple[Any, int]] = []  # master mode: controller, threads before
 
     def detect(self, census: "_threads.Census | None") -> "Hazard | None":
-        if census is None:
+        if census is None or not census.openmp:
             return None
         here = torch_dir() or "\0"
         numba = sys.modules.get(f"{__package__}.numba")  # its pool reports numba's own team
