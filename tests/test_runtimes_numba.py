@@ -29,7 +29,9 @@ pytestmark = [
 ]
 
 FORKS = 2
-DEADLINE = 10.0  # s for all children of one watch (a child compiles the function itself)
+DEADLINE = 10.0  # s for all children of one watch
+# A child that compiles the function itself: about 2 s of CPU, 20 s seen on a loaded machine.
+COMPILING_DEADLINE = 90.0
 NUMBA_MESSAGE = (
     "Terminating: fork() called from a process already using GNU OpenMP, this is unsafe."
 )
@@ -141,7 +143,9 @@ def test_warn_mode_reports_numba_before_the_child_dies(tmp_path: Path) -> None:
     assert "numba terminates a forked child at its first parallel call (SIGTERM)" in result.stderr
     assert f"first used at {script}:{launched} in <module>" in result.stderr, str(result)
     assert "child repair: none possible" in result.stderr
-    assert "NUMBA_THREADING_LAYER=workqueue" in result.stderr
+    assert "A child forked now would crash, because" in result.stderr
+    assert "  - NUMBA_THREADING_LAYER=forksafe (tbb where TBB loads" in result.stderr
+    assert "single_threaded" not in result.stderr  # no setting to hold: not offered
     assert "GNU OpenMP pool of another library" not in result.stderr
 
 
@@ -177,17 +181,20 @@ def test_layers_that_work_in_a_child_are_not_reported(layer: str) -> None:
     code = f"""
     heard = []
     tokguard.subscribe(heard.append)
-    if numba.config.THREADING_LAYER != "omp":
+    launched = numba.config.THREADING_LAYER != "omp"
+    if launched:
         calls()
         print("LAYER=" + numba.threading_layer())
     print("HAZARDS=%s" % tokguard.hazards())
-    watch(calls, {FORKS}, {DEADLINE})
+    # Where the parent never called it, the child compiles it: one child is enough.
+    watch(calls, {FORKS} if launched else 1, {DEADLINE} if launched else {COMPILING_DEADLINE})
     print("REPORTS=%d" % len(heard))
     """
     result = _run(code, guard=True, layer=name, **env)
     assert result.returncode == 0, str(result)
     assert values(result)["HAZARDS"] == "[]", str(result)
-    assert _results(result) == [f"RESULT {FORKS} {FORKS} 0 0 0"], str(result)
+    forks = 1 if layer == "omp-not-launched" else FORKS
+    assert _results(result) == [f"RESULT {forks} {forks} 0 0 0"], str(result)
     assert values(result)["REPORTS"] == "0"
     assert values(result).get("LAYER", "omp") == name, str(result)
 
@@ -232,7 +239,7 @@ def test_master_that_never_launches_numba_gives_workers_their_own_layer() -> Non
     def worker():
         calls()
         print("WORKER_LAYER=" + numba.threading_layer(), flush=True)
-    watch(worker, 1, {DEADLINE})
+    watch(worker, 1, {COMPILING_DEADLINE})
     print("REPORTS=%d" % len(reports))
     calls()
     watch(calls, 1, {DEADLINE})

@@ -175,7 +175,9 @@ def test_warn_mode_reports_and_the_child_gets_an_error_instead_of_spinning(
     assert "1 session(s) in parallel execution mode are alive" in result.stderr
     assert f"first used at {script}:{made} in <module>" in result.stderr, str(result)
     assert "child repair: run calls on those sessions raise UnsafeForkError" in result.stderr
-    assert "ExecutionMode.ORT_SEQUENTIAL" in result.stderr
+    assert "A child forked now would hang spinning at 100 % CPU, because" in result.stderr
+    assert "  - make the sessions a forked child runs in sequential mode" in result.stderr
+    assert "single_threaded" not in result.stderr  # no setting to hold: not offered
 
 
 def test_raise_mode_refuses_the_fork(tmp_path: Path) -> None:

@@ -59,8 +59,8 @@ class Numba(Pool):
     title = "numba threading layer on GNU OpenMP (omp)"
     consequence = "crash"
     fixes = (
-        "NUMBA_THREADING_LAYER=workqueue (or tbb, or forksafe) set before the first parallel "
-        "call: numba's fork-safe layers work in a forked child",
+        "NUMBA_THREADING_LAYER=forksafe (tbb where TBB loads, else workqueue) set before the "
+        "first parallel call: those layers work in a forked child",
         "call and compile parallel functions only in the workers, after the fork",
     )
     description = (

@@ -71,9 +71,10 @@ class OnnxRuntime(Pool):
         "sequential sessions keep working, on the calling thread"
     )
     fixes = (
-        "make parallel-mode sessions in each worker, after the fork: @tokguard.lazy_model",
-        "make sessions that a child uses in sequential mode (ExecutionMode.ORT_SEQUENTIAL, the "
-        "default) or with inter_op_num_threads = 1: they work in a forked child",
+        "make the sessions a forked child runs in sequential mode (ExecutionMode.ORT_SEQUENTIAL, "
+        "the default) or with inter_op_num_threads = 1: they work in the child, on its calling "
+        "thread",
+        "make parallel-mode sessions in each worker, after the fork",
     )
     description = (
         "Made with each InferenceSession in parallel execution mode (ORT_PARALLEL) that has an "
