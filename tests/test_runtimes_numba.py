@@ -64,12 +64,14 @@ def calls_handling_sigterm():
     calls()
 
 def fork_pool():
-    with multiprocessing.get_context("fork").Pool(2) as pool:
-        try:
+    try:
+        with multiprocessing.get_context("fork").Pool(2) as pool:  # THE POOL
             pool.apply_async(calls).get(timeout=3)
             return "ok"
-        except multiprocessing.TimeoutError:
-            return "timeout"
+    except multiprocessing.TimeoutError:
+        return "timeout"
+    except Exception as exc:
+        return type(exc).__name__
 """
 
 
@@ -128,6 +130,7 @@ def test_warn_mode_reports_numba_before_the_child_dies(tmp_path: Path) -> None:
     total(A)  # LAUNCHES
     print("HAZARDS=%s" % [h.pool for h in tokguard.hazards()])
     watch(calls, {FORKS}, {DEADLINE})
+    print("POOL=" + fork_pool())
     """
     result = run_py(
         SETUP + dedent(code), guard=True, env={"NUMBA_THREADING_LAYER": "omp"}, path=script
@@ -135,7 +138,13 @@ def test_warn_mode_reports_numba_before_the_child_dies(tmp_path: Path) -> None:
     assert result.returncode == 0, str(result)
     assert values(result)["HAZARDS"] == "['numba']", str(result)
     assert _results(result) == [f"RESULT {FORKS} 0 {FORKS} 0 0"], str(result)
-    assert result.stderr.count("UnsafeForkWarning") == 1, str(result)
+    assert values(result)["POOL"] == "timeout", str(result)  # warned, and still killed
+    # watch's fork, the Pool's, and the Pool's forks of workers replacing the killed ones
+    assert result.stderr.count("UnsafeForkWarning") == 3, str(result)
+    pool_line = next(
+        i for i, line in enumerate(script.read_text().splitlines(), 1) if "# THE POOL" in line
+    )
+    assert f"unsafe fork at {script}:{pool_line} in fork_pool" in result.stderr, str(result)
     launched = next(
         i for i, line in enumerate(script.read_text().splitlines(), 1) if "# LAUNCHES" in line
     )
@@ -150,7 +159,7 @@ def test_warn_mode_reports_numba_before_the_child_dies(tmp_path: Path) -> None:
 
 
 def test_raise_mode_refuses_the_fork() -> None:
-    """raise: no child is created once numba's omp layer is launched."""
+    """raise: no child is created once numba's omp layer is launched, nor a fork Pool's worker."""
     needs_libgomp()
     code = f"""
     calls()
@@ -159,10 +168,12 @@ def test_raise_mode_refuses_the_fork() -> None:
     except tokguard.UnsafeForkError as exc:
         print("REFUSED=%s" % (exc.report.pools,))
     watch(calls, {FORKS}, {DEADLINE})
+    print("POOL=" + fork_pool())
     """
     result = _run(code, guard=True, TOKGUARD_MODE="raise")
     assert result.returncode == 0, str(result)
     assert values(result)["REFUSED"] == "('numba',)"
+    assert values(result)["POOL"] == "UnsafeForkError", str(result)
     assert _results(result) == [f"RESULT {FORKS} 0 0 0 {FORKS}"], str(result)
 
 

@@ -90,7 +90,7 @@ def pooled():  # a fork Pool's task must be found by name in the child
 def fork_pool(sess):
     global POOLED
     POOLED = sess
-    with multiprocessing.get_context("fork").Pool(2) as pool:
+    with multiprocessing.get_context("fork").Pool(2) as pool:  # THE POOL
         try:
             pool.apply_async(pooled).get(timeout=3)
             return "ok"
@@ -170,7 +170,11 @@ def test_warn_mode_reports_and_the_child_gets_an_error_instead_of_spinning(
     assert "UnsafeForkError: onnxruntime.InferenceSession.run_async() in a forked" in errors[-1]
     assert values(result)["POOL"] == "UnsafeForkError", str(result)
     made = next(i for i, line in enumerate(script.read_text().splitlines(), 1) if "# MADE" in line)
-    assert result.stderr.count("UnsafeForkWarning") == 2, str(result)  # os.fork, the Pool's
+    assert result.stderr.count("UnsafeForkWarning") == 2, str(result)  # watch's fork, the Pool's
+    pool_line = next(
+        i for i, line in enumerate(script.read_text().splitlines(), 1) if "# THE POOL" in line
+    )
+    assert f"unsafe fork at {script}:{pool_line} in fork_pool" in result.stderr, str(result)
     assert "onnxruntime inter-op pool (parallel execution mode)" in result.stderr
     assert "1 session(s) in parallel execution mode are alive" in result.stderr
     assert f"first used at {script}:{made} in <module>" in result.stderr, str(result)
