@@ -9,16 +9,22 @@ scenario runs in a fresh interpreter with a deadline, each child under tokguard'
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 from textwrap import dedent
 
 import pytest
 
 from conftest import Result, run_py, values
+from net import free_port, get_json
 
 pytestmark = [
     pytest.mark.skipif(
@@ -262,3 +268,79 @@ def test_master_that_never_launches_numba_gives_workers_their_own_layer() -> Non
     assert (found["MASTER"], found["REPORTS"], found["WORKER_LAYER"]) == ("True", "0", "omp")
     assert _results(result) == ["RESULT 1 1 0 0 0", "RESULT 1 0 1 0 0"], str(result)
     assert "Master mode was on (TOKGUARD_MASTER=on)" in found["NOTES"], str(result)
+
+
+GUNICORN_APP = """
+import json, os
+if os.environ.get("GUARD") == "1":
+    import tokguard
+import numpy as np
+import numba
+from numba import njit, prange
+
+@njit(parallel=True)
+def double(a):
+    out = np.zeros_like(a)
+    for i in prange(a.shape[0]):
+        out[i] = 2 * a[i]
+    return out
+
+A = np.arange(1.0, 9.0)
+double(A)  # the master's warm-up (--preload)
+
+def app(environ, start_response):
+    answer = {"pid": os.getpid()}
+    if environ["PATH_INFO"] == "/double":
+        answer["result"] = double(A).tolist()
+    start_response("200 OK", [("Content-Type", "application/json")])
+    return [json.dumps(answer).encode()]
+"""
+
+
+@pytest.mark.parametrize("guard", [False, True], ids=["unguarded", "guarded"])
+def test_preloaded_gunicorn_workers_answer_with_the_loop_not_run(
+    guard: bool, tmp_path: Path
+) -> None:
+    """gunicorn --preload, a numba warm-up on the omp layer in the master: each worker answers
+    its first parallel request with the loop not run (zeros: gunicorn handles numba's SIGTERM
+    as a graceful stop), then exits and is replaced. tokguard cannot repair it: it reports it
+    in the master's log, naming numba."""
+    needs_libgomp()
+    pytest.importorskip("gunicorn")
+    (tmp_path / "numba_app.py").write_text(GUNICORN_APP)
+    port = free_port()
+    log = tmp_path / "gunicorn.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TOKGUARD_", "PYTEST_"))}
+    env.update(NUMBA_THREADING_LAYER="omp", GUARD=str(int(guard)), PYTHONUNBUFFERED="1")
+    argv = [
+        sys.executable, "-m", "gunicorn", "--preload", "-w", "1", "-b", f"127.0.0.1:{port}",
+        "--graceful-timeout", "2", "--chdir", str(tmp_path), "--no-control-socket", "numba_app:app",
+    ]  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    with open(log, "wb") as out:
+        master = subprocess.Popen(
+            argv, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120  # numba's import and compilation on a loaded machine
+        while get_json(base + "/health", timeout=2) is None:
+            assert master.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        answers = []
+        for _ in range(3):
+            answers.append(get_json(base + "/double", timeout=30))
+            # The worker stops after its request; wait for its replacement to answer.
+            while get_json(base + "/health", timeout=2) is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(master.pid, signal.SIGKILL)
+        master.wait(timeout=15)
+    text = log.read_text()
+    assert all(a is not None and a["result"] == [0.0] * 8 for a in answers), (answers, text[-3000:])
+    assert len({a["pid"] for a in answers if a}) == 3, (answers, text[-3000:])  # one worker each
+    assert text.count(NUMBA_MESSAGE) >= 3, text[-3000:]
+    warned = "numba threading layer on GNU OpenMP (omp)" in text
+    assert warned == guard, text[-3000:]
