@@ -322,6 +322,9 @@ def _begin(found: str, maybe: bool = False, explicit: bool = False) -> None:
     running = pools.hazards()
     began_late = ", ".join(h.title for h in running) or None
     reason, provisional, _explicit = found, maybe, explicit
+    # Joined here, not at import: a process that is never a master runs no hook of ours in
+    # its children (each hook run writes memory pages that the child must copy).
+    _fork.at_fork("master", after_in_child=after_fork_in_child)
     _coldstart._enter(_coldstart.MASTER)
     torch = sys.modules.get("torch")
     if torch is not None and hasattr(torch, "set_num_threads"):
@@ -478,7 +481,6 @@ def install() -> None:
     switch = switch_from_env()
     if notes not in _fork.note_providers:
         _fork.note_providers.append(notes)
-    _fork.at_fork("master", after_in_child=after_fork_in_child)
     if switch == "on":
         _begin(f"{ENV_VAR}=on", explicit=True)
     else:
