@@ -25,7 +25,9 @@ def test_registry_lists_every_pool_once_and_names_the_choices() -> None:
     result = run_py(code, guard=True)
     assert result.returncode == 0, str(result)
     got = values(result)
-    ids = "tokenizers-rayon,tokenizers-tokio,torch-openmp,openmp,torch-cuda,polars"
+    ids = (
+        "tokenizers-rayon,tokenizers-tokio,torch-openmp,openmp,torch-cuda,polars,onnxruntime,numba"
+    )
     # Nothing imported but tokguard: only the pool no library import announces is loaded.
     assert got["LOADED"] == "openmp"
     assert got["IDS"] == ids

@@ -31,6 +31,8 @@ DISTRIBUTIONS = (
     "wrapt",
     "threadpoolctl",
     "uWSGI",
+    "onnxruntime",
+    "numba",
 )
 
 # Variables that size the pools: shown when set, because they change what a fork risks.

@@ -289,4 +289,6 @@ REGISTRY: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("openmp", ()),
     ("torch_cuda", ("torch",)),
     ("polars", ("polars",)),
+    ("onnxruntime", ("onnxruntime",)),
+    ("numba", ("numba",)),
 )
