@@ -436,8 +436,9 @@ def notes() -> list[str]:
     elif not began_late:
         lines.append("Master mode was defeated by the first use named above.")
     lines.append(
-        "The children get the repair above instead of full speed: leave thread counts and "
-        "TOKENIZERS_PARALLELISM alone in the master, or do that work in the workers."
+        "The children get the repair above instead of full speed (where a pool has none, "
+        "they must not use it): do that work in the workers, and leave thread counts and "
+        "TOKENIZERS_PARALLELISM alone in the master."
     )
     return lines
 
