@@ -26,8 +26,8 @@ def test_registry_lists_every_pool_once_and_names_the_choices() -> None:
     assert result.returncode == 0, str(result)
     got = values(result)
     ids = (
-        "tokenizers-rayon,tokenizers-tokio,torch-openmp,openmp,torch-cuda,polars,grpc,"
-        "hf-xet-tokio,tokio"
+        "tokenizers-rayon,tokenizers-tokio,torch-openmp,openmp,torch-cuda,polars,onnxruntime,"
+        "numba,grpc,hf-xet-tokio,tokio"
     )
     # Nothing imported but tokguard: only the pools no library import announces are loaded.
     assert got["LOADED"] == "openmp,tokio"

@@ -31,6 +31,8 @@ DISTRIBUTIONS = (
     "wrapt",
     "threadpoolctl",
     "uWSGI",
+    "onnxruntime",
+    "numba",
     "grpcio",
     "hf-xet",
 )

@@ -70,7 +70,6 @@ _parent_hooks: "tuple[Callable[[], None], ...]" = ()
 
 _handoff: "dict[int, _report.ForkReport | None]" = {}  # thread -> judged by the os.fork wrapper
 _plans: "dict[int, Sequence[Hazard]]" = {}  # thread -> hazards the child must repair
-_THREADS = f"{__package__}._threads"  # its census remembers threads the child no longer has
 note_providers: "list[Callable[[], list[str]]]" = []
 """Functions adding lines to a report (lazy models register one)."""
 
@@ -281,13 +280,13 @@ def _after_in_child() -> None:
     generation += 1
     hazards: Sequence[Hazard] = ()
     try:
-        threads = sys.modules.get(_THREADS)
-        if threads is not None:  # no census was taken otherwise: nothing to forget
-            threads.forget()
+        ident = _thread.get_ident()
         if _plans:
-            hazards = _plans.pop(_thread.get_ident(), ())
+            hazards = _plans.pop(ident, ())
             _plans.clear()
-        _handoff.clear()
+        # Other threads' entries (they do not exist here); this thread's, the wrapper pops.
+        if _handoff and (len(_handoff) > 1 or ident not in _handoff):
+            _handoff.clear()
         if hazards or unsafe_at_fork:
             unsafe_at_fork = frozenset(h.pool for h in hazards)
     except Exception as exc:

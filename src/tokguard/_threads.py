@@ -202,12 +202,14 @@ def _thread_count() -> int | None:
     mismatch (also a thread that started in between) turns the shortcut off for good.
     """
     global _count_by_links, _task_dir, _task_pid
-    if _count_by_links is False:
-        return None
     # /proc/self/task is no substitute: asked from another thread, its link count is off.
     pid = os.getpid()
-    if pid != _task_pid:  # the first call, or a forked child
+    if pid != _task_pid:  # the first call, or the first in a forked child
+        # Checked here, not in a fork hook: a safe fork's child then runs none of this module.
+        forget()
         _task_dir, _task_pid = f"/proc/{pid}/task", pid
+    if _count_by_links is False:
+        return None
     count = os.stat(_task_dir).st_nlink - 2
     if _count_by_links is None:
         _count_by_links = count == len(os.listdir(_TASKS))
@@ -328,7 +330,8 @@ def native_names(census: Census | None) -> list[str]:
 
 
 def forget() -> None:
-    """Child side of a fork: no thread of the parent exists here any more."""
+    """Child side of a fork: no thread of the parent exists here any more (``census`` calls
+    this at its first use in a new process)."""
     if _classified:
         _classified.clear()
     if _spinning:

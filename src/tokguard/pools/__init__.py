@@ -294,6 +294,8 @@ REGISTRY: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("openmp", ()),
     ("torch_cuda", ("torch",)),
     ("polars", ("polars",)),
+    ("onnxruntime", ("onnxruntime",)),
+    ("numba", ("numba",)),
     ("grpc_core", ("grpc",)),
     ("hf_xet_tokio", ("hf_xet",)),
     ("tokio", ()),
