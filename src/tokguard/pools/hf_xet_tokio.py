@@ -39,7 +39,7 @@ def version() -> tuple[int, ...] | None:
         return None
     numbers = []
     for part in text.split(".")[:3]:
-        digits = "".join(c for c in part if c.isdigit()) if part[:1].isdigit() else ""
+        digits = part[: len(part) - len(part.lstrip("0123456789"))]  # "0rc1" -> "0"
         if not digits:
             break
         numbers.append(int(digits))
