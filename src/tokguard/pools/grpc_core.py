@@ -50,7 +50,7 @@ OPENERS = ("insecure_channel", "secure_channel", "server")
 
 FORK_SUPPORT_VAR = "GRPC_ENABLE_FORK_SUPPORT"
 POLL_STRATEGY_VAR = "GRPC_POLL_STRATEGY"
-_TRUE = ("yes", "true", "1")  # grpc/_cython/_cygrpc/fork_posix.pyx.pxi reads it this way
+_TRUE = ("yes", "true", "1")  # any case, as grpcio 1.85.3 reads it (measured; "on" is off)
 
 
 def fork_support() -> bool:
