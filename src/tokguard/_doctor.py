@@ -184,9 +184,14 @@ def collect(import_libraries: bool = True) -> dict[str, Any]:
     if info["master"]["active"]:
         # A pool with no setting to hold is cold in a master only where it was not started
         # (or, hf_xet's, survives a fork): the workers start their own.
+        # Master mode loads every pool's module: only those whose library is here count.
         running = {h.pool for h in hazards}
         info["master"]["nothing_to_hold"] = [
-            pool.title for pool in pools.ALL if pool.kept_cold is None and pool.id not in running
+            pool.title
+            for pool in pools.ALL
+            if pool.kept_cold is None
+            and pool.id not in running
+            and (not pool.triggers or any(name in sys.modules for name in pool.triggers))
         ]
     info["pools"] = [pool.id for pool in pools.known()]
     # Each pool's word on its library as installed and set up, whether it runs or not.
