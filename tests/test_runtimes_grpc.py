@@ -24,10 +24,14 @@ import pytest
 from conftest import line_of, prelude_lines, run_py, values, watch_result
 
 # Not imported here: a channel would start gRPC's threads in the pytest process.
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("grpc") is None,
-    reason="grpcio is not installed (the grpc dependency group; no wheel for this interpreter)",
-)
+# Slow: every test talks to a server the module starts.
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        importlib.util.find_spec("grpc") is None,
+        reason="grpcio is not installed (the grpc dependency group; no wheel for this interpreter)",
+    ),
+]
 
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 5.0
@@ -137,7 +141,6 @@ def test_child_rpcs_fail_without_tokguard(port: int) -> None:
         assert "UNAVAILABLE" in values(result)["ERROR"], str(result)
 
 
-@pytest.mark.slow
 def test_grpc_fork_support_helps_only_where_no_call_is_in_flight(port: int) -> None:
     """GRPC_ENABLE_FORK_SUPPORT=1: a child's new channel works after a quiet fork, and hangs
     after a fork made while another thread was inside a call (an exporter's thread)."""

@@ -176,6 +176,7 @@ def encode_async():
 """
 
 
+@pytest.mark.slow  # the hung children are killed at the deadline, not recognised sooner
 def test_tokio_child_hangs_without_tokguard() -> None:
     """The hazard: after an async_* call (tokenizers' tokio runtime), each child's hangs."""
     code = (
@@ -215,7 +216,7 @@ print("EVIDENCE=%s" % (heard[0].hazards[0].evidence if heard else ""))
 )
 
 
-@pytest.mark.parametrize("mode", ["warn", "raise"])
+@pytest.mark.parametrize("mode", [pytest.param("warn", marks=pytest.mark.slow), "raise"])
 def test_tokio_runtime_started_before_tokguard_is_reported(mode: str) -> None:
     """A tokio runtime tokguard did not see start is found by its threads' names and named
     after the library loaded; warn reports it (the children still hang), raise refuses."""
