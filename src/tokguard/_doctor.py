@@ -31,6 +31,8 @@ DISTRIBUTIONS = (
     "wrapt",
     "threadpoolctl",
     "uWSGI",
+    "onnxruntime",
+    "numba",
 )
 
 # Variables that size the pools: shown when set, because they change what a fork risks.
@@ -176,7 +178,7 @@ def collect(import_libraries: bool = True) -> dict[str, Any]:
             "openmp_workers": census.openmp,
         }
     )
-    info["hazards"] = [_report.hazard_dict(h) for h in hazards]
+    info["hazards"] = [h.as_dict() for h in hazards]
     info["pools"] = [pool.id for pool in pools.known()]
     info["uwsgi"] = _uwsgi.status()
     info["advice"] = advice(info)
@@ -348,7 +350,7 @@ def render(info: dict[str, Any]) -> str:
     out.append(f"Pools       {', '.join(info['pools'])} (the ones tokguard watches)")
     if info["hazards"]:
         out.append("Hazards now")
-        out.extend(_report.render_hazards(_report.hazard_from_dict(h) for h in info["hazards"]))
+        out.extend(_report.render_hazards(_report.Hazard.from_dict(h) for h in info["hazards"]))
     else:
         out.append("Hazards now none: a fork from this process would not hang")
     out.append("Advice")

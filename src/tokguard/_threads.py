@@ -86,6 +86,10 @@ class Census:
         )
 
 
+ALONE = Census(1, 1, {})
+"""The census of a process whose only thread is the one asking (shared: never change it)."""
+
+
 def _runtime(path: str) -> str | None:
     name = os.path.basename(path)
     for runtime in _OPENMP_RUNTIMES:
@@ -186,10 +190,16 @@ def _thread_count() -> int | None:
     first call checks that against a listing (a /proc emulation may not count), and a
     mismatch (also a thread that started in between) turns the shortcut off for good.
     """
-    global _count_by_links
+    global _count_by_links, _task_dir, _task_pid
+    # /proc/self/task is no substitute: asked from another thread, its link count is off.
+    pid = os.getpid()
+    if pid != _task_pid:  # the first call, or the first in a forked child
+        # Checked here, not in a fork hook: a safe fork's child then runs none of this module.
+        forget()
+        _task_dir, _task_pid = f"/proc/{pid}/task", pid
     if _count_by_links is False:
         return None
-    count = os.stat(f"/proc/{os.getpid()}/task").st_nlink - 2
+    count = os.stat(_task_dir).st_nlink - 2
     if _count_by_links is None:
         _count_by_links = count == len(os.listdir(_TASKS))
         if not _count_by_links:
@@ -198,6 +208,8 @@ def _thread_count() -> int | None:
 
 
 _count_by_links: bool | None = None
+_task_dir = ""
+_task_pid = 0
 
 
 def census() -> Census | None:
@@ -207,9 +219,9 @@ def census() -> Census | None:
     try:
         if _thread_count() == 1:
             # Only the thread that asks: nothing else can hold a lock or a pool.
-            _classified.clear()
-            _spinning.clear()
-            return Census(1, 1, {})
+            if _classified or _spinning:
+                forget()
+            return ALONE
         tids = [int(t) for t in os.listdir(_TASKS)]
     except OSError:
         return None
@@ -259,6 +271,9 @@ def census() -> Census | None:
 
 
 def forget() -> None:
-    """Child side of a fork: no thread of the parent exists here any more."""
-    _classified.clear()
-    _spinning.clear()
+    """Child side of a fork: no thread of the parent exists here any more (``census`` calls
+    this at its first use in a new process)."""
+    if _classified:
+        _classified.clear()
+    if _spinning:
+        _spinning.clear()
