@@ -38,6 +38,7 @@ _restores: dict[str, Callable[[], None]] = {}  # attribute -> put back what inst
 _scripted: list[Any] = []  # wrappers entered in TorchScript's table of builtins
 MODULE_CALL = "_call_impl"
 DYNAMO = "torch._dynamo"  # torch.compile's tracer
+_NOT_SEEN = "not recorded (tokguard sees nn.Module calls and matmuls; another tensor op started it)"
 
 
 def _never() -> bool:
@@ -52,6 +53,7 @@ def _torch_threads() -> int:
 
 class TorchOpenMP(Pool):
     id = "torch-openmp"
+    found_by_threads = True
     title = "torch intra-op pool (GNU OpenMP)"
     repair = "torch.set_num_threads(1) in the child: it runs torch single-threaded"
     kept_cold = "torch.set_num_threads(1) while cold, the previous count put back after"
@@ -132,16 +134,13 @@ class TorchOpenMP(Pool):
                 spinning = self._spinning_workers(census.busy, threads) if census.busy else None
                 if spinning is None:
                     return None
-                evidence = spinning
+                # Workers that never block: a child stuck on them burns its CPU, not waits.
+                return self.hazard(spinning, self.first_use or _NOT_SEEN, "spin")
         elif self.first_use is not None:
             evidence = f"a model or matmul ran with torch.get_num_threads() = {threads}"
         else:
             return None
-        return self.hazard(
-            evidence,
-            self.first_use
-            or "not recorded (tokguard sees nn.Module calls and matmuls; another tensor op started it)",
-        )
+        return self.hazard(evidence, self.first_use or _NOT_SEEN)
 
     def _spinning_workers(self, busy: int, threads: int) -> str | None:
         """Evidence for a team whose workers never block, so show no pointer into libgomp.
