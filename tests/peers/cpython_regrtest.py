@@ -570,8 +570,8 @@ KNOWN: dict[str, tuple[Callable[[tuple[int, ...]], bool], str]] = {
         "it forks from a thread while the main thread exits, and CPython 3.12.0 to 3.12.2 "
         "refuse a fork once the interpreter starts finalizing (CPython gh-113964, fixed in "
         "3.12.3): it passes only when the fork comes before the main thread runs again "
-        "(CPython gh-116612), and any pause before the fork loses that race, tokguard's reading "
-        "of /proc/self/task included",
+        "(CPython gh-116612), and any pause before the fork loses that race, tokguard's judging "
+        "of the fork (it reads /proc) included",
     ),
 }
 
