@@ -8,9 +8,10 @@ imports tokguard (the helpers are loaded by file path), or on the original metho
 wrapper keeps as ``__wrapped__``. Measurements of a pair are interleaved, so load from other
 processes on the machine hits both sides alike; medians are reported.
 
-Targets: ``import tokguard`` at most 3 ms (timed in-process, bytecode cached); the
-before-fork judgement at most 10 us with nothing active and 30 us with torch imported and
-idle; at most +3 % on a short ``encode``, +2 % on a padded one (three words, length 16), and
+Targets: ``import tokguard`` at most 3 ms (timed in-process, bytecode cached); a fork with
+nothing active at most 10 us dearer in mode warn than in mode off (the same process, blocks
+alternated); the before-fork judgement at most 10 us with nothing active and 30 us with torch
+imported and idle; at most +3 % on a short ``encode``, +2 % on a padded one (three words, length 16), and
 +1 % on an ``encode_batch`` of 64 texts.
 """
 
@@ -130,13 +131,18 @@ def import_self_time() -> float:
 # --- fork cost (workers) --------------------------------------------------------------------
 
 
-def worker_fork(guard: bool, torch_idle: bool, forks: int) -> None:
-    """Median fork()+waitpid() of an empty child, and the judgement alone (guarded)."""
-    if guard:
-        import tokguard  # noqa: F401
-    if torch_idle:
-        import torch  # noqa: F401
+def _fork_block(forks: int) -> tuple[float, float]:
+    """(median us of fork()+waitpid() of an empty child, page faults per fork, both sides)."""
+    import resource
+
+    def faults() -> int:
+        return sum(
+            resource.getrusage(who).ru_minflt
+            for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+        )
+
     times = []
+    before = faults()
     for _ in range(forks):
         start = time.perf_counter()
         pid = os.fork()
@@ -144,8 +150,41 @@ def worker_fork(guard: bool, torch_idle: bool, forks: int) -> None:
             os._exit(0)
         os.waitpid(pid, 0)
         times.append(time.perf_counter() - start)
-    result = {"fork_us": statistics.median(times) * 1e6}
+    return statistics.median(times) * 1e6, (faults() - before) / forks
+
+
+def worker_fork(guard: bool, torch_idle: bool, forks: int) -> None:
+    """Per-fork figures of an empty child, bare or guarded; guarded, modes off and warn alternated.
+
+    The guarded process alternates blocks of 100 forks in mode off and warn: the difference is
+    what judging a fork costs, with the machine's drift hitting both alike. Page faults are
+    counted too: a fork's cost is mostly the pages written after it (copied), and unlike
+    times their count does not depend on what else the machine is doing.
+    """
     if guard:
+        import tokguard
+    if torch_idle:
+        import torch  # noqa: F401
+    _fork_block(20)  # the first forks pay for imports and first-time allocations
+    blocks = max(1, forks // 100)
+    result: dict[str, float] = {}
+    if not guard:
+        measured = [_fork_block(100) for _ in range(blocks)]
+        result["fork_us"] = statistics.median(m[0] for m in measured)
+        result["faults"] = statistics.median(m[1] for m in measured)
+    else:
+        by_mode: dict[str, list[tuple[float, float]]] = {"off": [], "warn": []}
+        for _ in range(blocks):
+            for mode, acc in by_mode.items():
+                tokguard.configure(mode)
+                acc.append(_fork_block(100))
+        for mode, measured in by_mode.items():
+            result[f"{mode}_us"] = statistics.median(m[0] for m in measured)
+            result[f"{mode}_faults"] = statistics.median(m[1] for m in measured)
+        result["judged_us"] = statistics.median(
+            w[0] - o[0] for w, o in zip(by_mode["warn"], by_mode["off"], strict=True)
+        )
+        result["fork_us"] = result["warn_us"]
         from tokguard import _fork, pools
 
         judge, assess = [], []
@@ -172,11 +211,24 @@ def bench_fork(forks: int) -> None:
         )
         label = "torch imported, idle" if torch_idle else "nothing active"
         add(
-            f"os.fork()+waitpid, {label}",
+            f"os.fork()+waitpid, {label} (separate processes)",
             bare["fork_us"],
             guarded["fork_us"],
             "us",
             f"+{guarded['fork_us'] - bare['fork_us']:.1f} us per fork",
+        )
+        add(
+            f"  same process, mode off (base) vs warn, blocks of 100 alternated, {label}",
+            guarded["off_us"],
+            guarded["warn_us"],
+            "us",
+            f"judging: {guarded['judged_us']:+.1f} us per fork"
+            + ("" if torch_idle else " (target <= 10 us)"),
+        )
+        add_plain(
+            f"  page faults per fork, parent + child: bare / off / warn, {label}",
+            f"{bare['faults']:.1f} / {guarded['off_faults']:.1f} / {guarded['warn_faults']:.1f}",
+            "a page written after a fork is copied",
         )
         add_plain(
             f"  judgement alone (pools.assess / _fork._judge), {label}",

@@ -485,6 +485,32 @@ def test_demo_torch_row() -> None:
     (row,) = json.loads(proc.stdout)["rows"]
     assert row["without"]["result"]["hung"] == 2, row
     assert row["with"]["result"]["ok"] == 2, row
+    assert "shared_imports" not in row  # one torch row: its own interpreters
+
+
+@pytest.mark.slow
+def test_demo_torch_rows_share_one_import_and_say_so() -> None:
+    """Two torch rows: four runs forked from one interpreter that imported torch; the guarded
+    ones import tokguard there, the unguarded ones never do; the text says which is which."""
+    needs("torch")
+    proc = run("demo", "--rows", "row4,row5,row2", "--json", timeout=300)
+    rows = {r["row"]: r for r in json.loads(proc.stdout)["rows"]}
+    assert rows["row4"]["shared_imports"] == rows["row5"]["shared_imports"] == ["torch"]
+    assert "shared_imports" not in rows["row2"]
+    assert rows["row4"]["without"]["result"]["hung"] == 2, rows["row4"]
+    assert rows["row4"]["with"]["result"]["ok"] == 2, rows["row4"]
+    assert rows["row5"]["without"]["result"]["ok"] == 2, rows["row5"]
+    for row in rows.values():
+        assert row["without"]["result"]["tokguard_imported"] is False, row
+        assert row["with"]["result"]["tokguard_imported"] is True, row
+    from tokguard._lab.demo import render
+
+    out = render(list(rows.values()), 1.0, ["torch"])
+    assert (
+        "Where tokguard is imported: row4, row5 ran in children forked from one interpreter "
+        "that had imported torch and nothing else" in out
+    )
+    assert "row2: tokguard is the first import of its own interpreter." in out
 
 
 def test_demo_rows_needing_torch_say_how_to_include_them() -> None:

@@ -115,6 +115,9 @@ def test_executor_finishes_with_tokguard(tmp_path: Path, policy: str, first_use:
     assert f"first used at {_site(script, EXECUTOR, marker)} in" in result.stderr
     if policy == "ACTIVE":
         assert "kept spinning through the fork check" in result.stderr
+        assert "would hang spinning at 100 % CPU, because" in result.stderr
+    else:
+        assert "would hang at 0 % CPU, because" in result.stderr
 
 
 IDLE_TORCH = """

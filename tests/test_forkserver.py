@@ -157,6 +157,21 @@ def test_set_forkserver_preload_workers_complete(tmp_path: Path) -> None:
     _hangs_then_completes(tmp_path, MAIN_PRELOAD, {})
 
 
+def test_forkserver_report_does_not_advise_the_forkserver(tmp_path: Path) -> None:
+    """Master mode off: the forkserver's fork is reported and repaired; its advice is spawn only."""
+    (tmp_path / "run").mkdir()
+    done = _run(
+        tmp_path / "run", MAIN_PRELOAD, guard=True, env={"TOKGUARD_MASTER": "off"}, bound=RUN_BOUND
+    )
+    assert done.returncode == 0, done
+    assert "DONE 4" in done.stdout, done
+    assert "saw an unsafe fork at" in done.stderr, done
+    assert "start workers with spawn: multiprocessing.get_context('spawn'). The forkserver" in (
+        done.stderr
+    )
+    assert "spawn or forkserver" not in done.stderr, done.stderr
+
+
 @pytest.mark.torch
 def test_set_forkserver_preload_with_torch_warmup_workers_complete(tmp_path: Path) -> None:
     """The preloaded module also warms torch's OpenMP pool: hang, then no hang."""

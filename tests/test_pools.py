@@ -25,9 +25,12 @@ def test_registry_lists_every_pool_once_and_names_the_choices() -> None:
     result = run_py(code, guard=True)
     assert result.returncode == 0, str(result)
     got = values(result)
-    ids = "tokenizers-rayon,tokenizers-tokio,torch-openmp,openmp,torch-cuda,polars"
-    # Nothing imported but tokguard: only the pool no library import announces is loaded.
-    assert got["LOADED"] == "openmp"
+    ids = (
+        "tokenizers-rayon,tokenizers-tokio,torch-openmp,openmp,torch-cuda,polars,onnxruntime,"
+        "numba,grpc,hf-xet-tokio,tokio"
+    )
+    # Nothing imported but tokguard: only the pools no library import announces are loaded.
+    assert got["LOADED"] == "openmp,tokio"
     assert got["IDS"] == ids
     assert got["GET"] == f"unknown pool 'rayon'; known pools are {ids.replace(',', ', ')}"
     assert got["REGISTER"].startswith("tokguard.pools.register(<tokguard pool 'polars'>)")
@@ -44,20 +47,75 @@ def test_cuda_hazard_says_the_child_fails_not_hangs() -> None:
     both = _report.ForkReport([rayon, cuda], "app.py:9 in <module>", "warn", False, None)
     print("ALONE=%s" % alone.message.splitlines()[1])
     print("BOTH=%s" % both.message.splitlines()[1])
-    print("DICT=%s" % _report.hazard_dict(cuda))
-    print("BACK=%s" % (_report.hazard_from_dict(_report.hazard_dict(rayon)).first_use,))
+    print("DICT=%s" % cuda.as_dict())
+    print("BACK=%s" % (_report.Hazard.from_dict(rayon.as_dict()).first_use,))
     print("\\n".join(_report.render_hazards([rayon, cuda])))
     """
     result = run_py(code, guard=True)
     assert result.returncode == 0, str(result)
     got = values(result)
-    assert got["ALONE"].startswith("A child forked now would fail (CUDA cannot be used")
-    assert "hang at 0 % CPU, or fail" in got["BOTH"]
+    assert got["ALONE"].startswith("A child forked now would fail with an error, because")
+    assert "would hang at 0 % CPU, or fail with an error, because" in got["BOTH"]
     assert "'consequence': 'fail'" in got["DICT"]
     assert "'repair': None" in got["DICT"]
     assert got["BACK"] == "app.py:3 in <module>"
     assert "    first used at app.py:3 in <module>" in result.stdout
     assert "    child repair: none possible: the child must not use it" in result.stdout
+
+
+def test_report_words_follow_what_each_runtime_does() -> None:
+    """hang, spin, crash and fail each have their words, joined in a fixed order; a pool of
+    the user's with its own kind is named as it is."""
+    from tokguard._report import Hazard, consequence
+
+    def kinds(*names: str) -> str:
+        return consequence(Hazard("p", "P", "e", None, None, kind) for kind in names)
+
+    assert kinds("hang") == "hang at 0 % CPU"
+    assert kinds("spin") == "hang spinning at 100 % CPU"
+    assert kinds("crash", "hang") == "hang at 0 % CPU, or crash"
+    assert kinds("fail", "spin", "hang") == (
+        "hang at 0 % CPU, or hang spinning at 100 % CPU, or fail with an error"
+    )
+    assert kinds("corrupt results") == "corrupt results"
+
+
+def test_fixes_offer_only_advice_that_applies() -> None:
+    """A pool's own fix comes first; keeping pools cold only where a pool has a setting to
+    hold; no "use forkserver" for a fork the forkserver makes."""
+    from tokguard import pools
+    from tokguard._report import KEEP_COLD, SPAWN, SPAWN_NOT_FORKSERVER, fixes_for
+
+    polars = pools.get("polars").hazard("2 polars-N worker thread(s) are alive")
+    torch = pools.get("torch-openmp").hazard("2 GNU OpenMP worker thread(s)")
+    only_polars = fixes_for([polars])
+    assert only_polars[0] == pools.get("polars").fixes[0]
+    assert KEEP_COLD not in only_polars
+    assert SPAWN in only_polars
+    both = fixes_for([polars, torch], forkserver=True)
+    assert KEEP_COLD in both
+    assert SPAWN_NOT_FORKSERVER in both
+    assert not any("spawn or forkserver" in fix for fix in both)
+
+
+def test_report_as_dict_is_json_and_reads_back() -> None:
+    """ForkReport.as_dict() is plain JSON with the facts and the message; hazards read back."""
+    import json
+
+    from tokguard import pools
+    from tokguard._report import ForkReport, Hazard
+
+    rayon = pools.get("tokenizers-rayon").hazard("a batch call ran", "app.py:3 in <module>")
+    report = ForkReport([rayon], "app.py:9 in <module>", "raise", True, None, ["a note"])
+    data = json.loads(json.dumps(report.as_dict()))
+    assert data["refused"] is True
+    assert data["fork_site"] == "app.py:9 in <module>"
+    assert data["consequence"] == "hang at 0 % CPU"
+    assert data["hazards"] == [rayon.as_dict()]
+    assert data["notes"] == ["a note"]
+    assert data["fixes"] == report.fixes
+    assert data["message"] == report.message
+    assert Hazard.from_dict(data["hazards"][0]).first_use == "app.py:3 in <module>"
 
 
 def test_fork_hooks_run_in_stage_order_not_registration_order() -> None:

@@ -18,7 +18,7 @@ import time
 
 from ._lab import watchdog
 from ._outcome import UsageError
-from ._report import FIXES, consequence, hazard_from_dict, render_hazards
+from ._report import Hazard, consequence, fixes_for, render_hazards
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -95,7 +95,7 @@ finish(
     import_seconds=round(seconds, 3),
     attr_type=described,
     imports_tokguard=imports_tokguard,
-    hazards=[_report.hazard_dict(h) for h in found],
+    hazards=[h.as_dict() for h in found],
     os_threads=None if census is None else census.os_threads,
     python_threads=None if census is None else census.python_threads,
     tokenizers_parallelism=_env.c_getenv(_env.PARALLELISM_VAR),
@@ -274,7 +274,7 @@ def render(result: dict[str, Any]) -> str:
         else:
             hazards = result["hazards"]
             lines.append(f"UNSAFE: {target} ({what}{threads}).")
-            found = [hazard_from_dict(h) for h in hazards]
+            found = [Hazard.from_dict(h) for h in hazards]
             lines.append(
                 f"  A worker forked now would {consequence(found)}: {len(hazards)} native "
                 "pool(s) run in the process after the import."
@@ -286,7 +286,7 @@ def render(result: dict[str, Any]) -> str:
                     "line so the workers are repaired and the fork is reported."
                 )
             lines.append("  Fix it for good, any one of:")
-            lines.extend(f"  - {fix}" for fix in FIXES)
+            lines.extend(f"  - {fix}" for fix in fixes_for(found))
             lines.extend(
                 (
                     "  - do not preload: gunicorn without --preload",

@@ -22,12 +22,13 @@ from . import _config, pools
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
     from types import FrameType
     from typing import Any
 
     from . import _report
     from ._report import Hazard
+    from ._threads import Census
 
 # _report, _forkers and _sites are imported where a fork is found unsafe (or something
 # fails), not at ``import tokguard``: most processes never need them, and each module costs
@@ -59,8 +60,16 @@ _stage_hooks: "dict[str, tuple[list[Callable[[], None]], list[Callable[[], None]
 )
 """Stage -> (child hooks, parent hooks), each list in the order they joined."""
 
+# The same hooks flattened in stage order, rebuilt by ``at_fork``: the fork hooks read only
+# these. A fork's cost is mostly the memory pages written after it (each is copied, in the
+# parent or the child, about 0.3 us apiece), and every Python object a hook touches writes
+# its page: a loop over five stages and their lists touched a dozen objects per fork.
+_child_before_repairs: "tuple[Callable[[], None], ...]" = ()
+_child_after_repairs: "tuple[Callable[[], None], ...]" = ()
+_parent_hooks: "tuple[Callable[[], None], ...]" = ()
+
 _handoff: "dict[int, _report.ForkReport | None]" = {}  # thread -> judged by the os.fork wrapper
-_plans: "dict[int, list[Hazard]]" = {}  # thread -> hazards the child must repair
+_plans: "dict[int, Sequence[Hazard]]" = {}  # thread -> hazards the child must repair
 note_providers: "list[Callable[[], list[str]]]" = []
 """Functions adding lines to a report (lazy models register one)."""
 
@@ -81,6 +90,18 @@ def at_fork(
     for hook, hooks in zip((after_in_child, after_in_parent), _stage_hooks[stage], strict=True):
         if hook is not None and hook not in hooks:
             hooks.append(hook)
+    _flatten()
+
+
+def _flatten() -> None:
+    global _child_before_repairs, _child_after_repairs, _parent_hooks
+    middle = STAGES.index(REPAIRS)
+    _child_before_repairs = tuple(h for s in STAGES[:middle] for h in _stage_hooks[s][0])
+    _child_after_repairs = tuple(h for s in STAGES[middle + 1 :] for h in _stage_hooks[s][0])
+    _parent_hooks = tuple(h for s in STAGES for h in _stage_hooks[s][1])
+
+
+_flatten()  # after an importlib.reload too: _stage_hooks was kept, these were not
 
 
 def judged_by_wrapper(ident: int, default: object = None) -> object:
@@ -114,6 +135,12 @@ def _judge(refusable: bool, depth: int) -> "_report.ForkReport | None":
     hazards, census = pools.assess()
     if not hazards:
         return None
+    return _make_report(hazards, census, refusable, depth + 1)
+
+
+def _make_report(
+    hazards: "list[Hazard]", census: "Census | None", refusable: bool, depth: int
+) -> "_report.ForkReport | None":
     from . import _forkers, _report, _sites
 
     # What the forking library makes safe itself is neither reported nor repaired.
@@ -132,15 +159,20 @@ def _judge(refusable: bool, depth: int) -> "_report.ForkReport | None":
         refusable and _config.mode == "raise",
         census,
         notes,
+        _report.fixes_for(hazards, forkserver=_forkers.from_forkserver(depth + 1)),
     )
 
 
 def _guard(real: "Callable[[], Any]") -> "Callable[[], Any]":
     def fork() -> "Any":
         ident = _thread.get_ident()
+        alone = False
         if _config.mode != "off":
             try:
-                report = _judge(refusable=True, depth=1)
+                hazards, census = pools.assess()
+                # The caller is the only thread: no pool's workers and no other thread exist.
+                alone = census is not None and census.os_threads == 1
+                report = _make_report(hazards, census, True, 1) if hazards else None
             except Exception as exc:  # never let a tokguard bug stop a fork
                 _internal_error("judging a fork", exc)
                 report = None
@@ -152,7 +184,8 @@ def _guard(real: "Callable[[], Any]") -> "Callable[[], Any]":
                     raise _report.UnsafeForkError(report.message, report)
             _handoff[ident] = report
         try:
-            if _ATTRIBUTE_FORK_WARNING:
+            # The interpreter warns only where another thread exists: none does when alone.
+            if _ATTRIBUTE_FORK_WARNING and not alone:
                 return _as_caller(sys._getframe(1))(real)
             return real()
         finally:
@@ -218,8 +251,9 @@ def _from_subprocess() -> bool:
 def _before() -> None:
     try:
         ident = _thread.get_ident()
-        if _config.mode == "off" or (ident not in _handoff and _from_subprocess()):
+        if _plans:  # left by a fork that never reached its after-fork hooks
             _plans.pop(ident, None)
+        if _config.mode == "off" or (ident not in _handoff and _from_subprocess()):
             return
         if ident in _handoff:
             report = _handoff[ident]
@@ -233,41 +267,44 @@ def _before() -> None:
                 except Warning:
                     # A warnings filter made it an error; a hook cannot raise, so say it here.
                     sys.stderr.write(f"{report.message}\n")
-        _plans[ident] = report.hazards if report is not None else []
+        if report is not None:  # a safe fork leaves no entry: its child finds nothing to repair
+            _plans[ident] = report.hazards
     except Exception as exc:
         _internal_error("the before-fork hook", exc)
 
 
 def _after_in_parent() -> None:
-    _plans.pop(_thread.get_ident(), None)
-    for stage in STAGES:
-        for hook in list(_stage_hooks[stage][1]):
-            _run(hook)
+    if _plans:
+        _plans.pop(_thread.get_ident(), None)
+    for hook in _parent_hooks:
+        _run(hook)
 
 
 def _after_in_child() -> None:
     global generation, repaired, unsafe_at_fork
     generation += 1
+    hazards: Sequence[Hazard] = ()
     try:
-        threads = sys.modules.get(f"{__package__}._threads")
-        if threads is not None:  # no census was taken otherwise: nothing to forget
-            threads.forget()
-        hazards = _plans.pop(_thread.get_ident(), [])
-        _plans.clear()
-        _handoff.clear()
-        unsafe_at_fork = frozenset(h.pool for h in hazards)
+        ident = _thread.get_ident()
+        if _plans:
+            hazards = _plans.pop(ident, ())
+            _plans.clear()
+        # Other threads' entries (they do not exist here); this thread's, the wrapper pops.
+        if _handoff and (len(_handoff) > 1 or ident not in _handoff):
+            _handoff.clear()
+        if hazards or unsafe_at_fork:
+            unsafe_at_fork = frozenset(h.pool for h in hazards)
     except Exception as exc:
         _internal_error("the after-fork hook in the child", exc)
-        hazards = []
-    for stage in STAGES:
-        if stage == REPAIRS:
-            repaired = _repair(hazards)
-            continue
-        for hook in list(_stage_hooks[stage][0]):
-            _run(hook)
+    for hook in _child_before_repairs:
+        _run(hook)
+    if hazards or repaired:
+        repaired = _repair(hazards)
+    for hook in _child_after_repairs:
+        _run(hook)
 
 
-def _repair(hazards: "list[Hazard]") -> tuple[str, ...]:
+def _repair(hazards: "Sequence[Hazard]") -> tuple[str, ...]:
     """Stage "repairs": each unsafe pool that has a child repair applies it."""
     done = []
     for hazard in hazards:

@@ -55,6 +55,14 @@ def _forking_modules(depth: int) -> list[str]:
     return found
 
 
+FORKSERVER = "multiprocessing.forkserver"
+
+
+def from_forkserver(depth: int = 1) -> bool:
+    """Whether the multiprocessing forkserver makes this fork (advice to use it is no advice)."""
+    return FORKSERVER in sys.modules and FORKSERVER in _forking_modules(depth + 1)
+
+
 def split(hazards: list[Hazard], depth: int = 1) -> tuple[list[Hazard], list[str]]:
     """(the hazards left to report, one line per hazard the forking library covers).
 

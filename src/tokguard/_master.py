@@ -322,6 +322,9 @@ def _begin(found: str, maybe: bool = False, explicit: bool = False) -> None:
     running = pools.hazards()
     began_late = ", ".join(h.title for h in running) or None
     reason, provisional, _explicit = found, maybe, explicit
+    # Joined here, not at import: a process that is never a master runs no hook of ours in
+    # its children (each hook run writes memory pages that the child must copy).
+    _fork.at_fork("master", after_in_child=after_fork_in_child)
     _coldstart._enter(_coldstart.MASTER)
     torch = sys.modules.get("torch")
     if torch is not None and hasattr(torch, "set_num_threads"):
@@ -433,8 +436,9 @@ def notes() -> list[str]:
     elif not began_late:
         lines.append("Master mode was defeated by the first use named above.")
     lines.append(
-        "The children get the repair above instead of full speed: leave thread counts and "
-        "TOKENIZERS_PARALLELISM alone in the master, or do that work in the workers."
+        "The children get the repair above instead of full speed (where a pool has none, "
+        "they must not use it): do that work in the workers, and leave thread counts and "
+        "TOKENIZERS_PARALLELISM alone in the master."
     )
     return lines
 
@@ -478,7 +482,6 @@ def install() -> None:
     switch = switch_from_env()
     if notes not in _fork.note_providers:
         _fork.note_providers.append(notes)
-    _fork.at_fork("master", after_in_child=after_fork_in_child)
     if switch == "on":
         _begin(f"{ENV_VAR}=on", explicit=True)
     else:

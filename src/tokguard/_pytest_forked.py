@@ -19,7 +19,7 @@ import sys
 import pytest
 
 from . import _config, _report
-from ._report import FIXES, render_hazards
+from ._report import fixes_for, render_hazards
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -116,7 +116,7 @@ class PytestForked:
             "reported once; the forked tests are not failed for it."
         )
         lines.append("  Fix it for good, any one of:")
-        lines.extend(f"  - {fix}" for fix in FIXES)
+        lines.extend(f"  - {fix}" for fix in fixes_for(report.hazards))
         lines.append("  - give the fixture function scope, so each forked test builds its own")
         return "\n".join(lines)
 

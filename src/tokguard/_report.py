@@ -55,11 +55,28 @@ class Hazard:
         self.repair = repair
         """What the child repair does, or None where no repair exists."""
         self.consequence = consequence
-        """``hang``: a child using the pool hangs at 0 % CPU; ``fail``: it gets an error (CUDA)."""
+        """What a child using the pool does: one of ``CONSEQUENCES`` (``hang`` at 0 % CPU,
+        ``spin``: hangs at 100 % CPU, ``crash``: dies on a signal, ``fail``: gets an error)."""
 
     def __repr__(self) -> str:
         return (
             f"Hazard(pool={self.pool!r}, evidence={self.evidence!r}, first_use={self.first_use!r})"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """The hazard as a JSON-ready dict (``Hazard.from_dict`` reads it back)."""
+        return {name: getattr(self, name) for name in HAZARD_FIELDS}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Hazard:
+        """``as_dict``'s inverse; a missing field gets its empty value (a partial verdict)."""
+        return cls(
+            data.get("pool", ""),
+            data.get("title", ""),
+            data.get("evidence", ""),
+            data.get("first_use"),
+            data.get("repair"),
+            data.get("consequence", "hang"),
         )
 
     def __eq__(self, other: object) -> bool:
@@ -72,32 +89,24 @@ class Hazard:
 HAZARD_FIELDS = ("pool", "title", "evidence", "first_use", "repair", "consequence")
 NO_REPAIR = "none possible: the child must not use it"
 
-
-def hazard_dict(hazard: Hazard) -> dict[str, Any]:
-    """A hazard as JSON (``check --json``, ``doctor --json``); ``hazard_from_dict`` reads it back."""
-    return {name: getattr(hazard, name) for name in HAZARD_FIELDS}
-
-
-def hazard_from_dict(data: dict[str, Any]) -> Hazard:
-    """``hazard_dict``'s inverse; a missing field gets its empty value (a partial verdict)."""
-    return Hazard(
-        data.get("pool", ""),
-        data.get("title", ""),
-        data.get("evidence", ""),
-        data.get("first_use"),
-        data.get("repair"),
-        data.get("consequence", "hang"),
-    )
+CONSEQUENCES = {
+    "hang": "hang at 0 % CPU",
+    "spin": "hang spinning at 100 % CPU",
+    "crash": "crash",
+    "fail": "fail with an error",
+}
+"""What a child that uses a pool does after an unsafe fork (``Hazard.consequence``), in words:
+the words follow what the runtime does, so a worker stuck at 100 % CPU is not sent looking
+for one at 0 %."""
 
 
 def consequence(hazards: Iterable[Hazard]) -> str:
     """What a child forked now does when it uses these pools, for a message's first lines."""
     kinds = {h.consequence for h in hazards}
-    if kinds == {"fail"}:
-        return "fail (CUDA cannot be used in a forked child)"
-    if "fail" in kinds:
-        return "hang at 0 % CPU, or fail (CUDA cannot be used in a forked child)"
-    return "hang at 0 % CPU"
+    # Each kind once, in the table's order; an unknown kind (a pool of the user's) in its words.
+    words = [text for kind, text in CONSEQUENCES.items() if kind in kinds]
+    words.extend(sorted(kind for kind in kinds if kind not in CONSEQUENCES))
+    return ", or ".join(words) or CONSEQUENCES["hang"]
 
 
 def render_hazards(
@@ -122,18 +131,49 @@ def render_hazards(
     return lines
 
 
-FIXES = (
+KEEP_COLD = (
     "keep the pools cold until after the fork: warm up under "
-    "`with tokguard.single_threaded():`, or torch.set_num_threads(1) before the first op",
-    "load the model in each worker after the fork: @tokguard.lazy_model",
-    "start workers with spawn or forkserver: multiprocessing.get_context('spawn')",
+    "`with tokguard.single_threaded():`, or torch.set_num_threads(1) before the first op"
 )
+LOAD_AFTER_FORK = "load the model in each worker after the fork: @tokguard.lazy_model"
+SPAWN = "start workers with spawn or forkserver: multiprocessing.get_context('spawn')"
+SPAWN_NOT_FORKSERVER = (
+    "start workers with spawn: multiprocessing.get_context('spawn'). The forkserver forks "
+    "them from its own process, and the pool ran there, while it imported its preload "
+    "modules (set_forkserver_preload(), and __main__ on Python 3.13.8+ and 3.14.1+): keep "
+    "those modules free of model warm-ups"
+)
+
+
+def fixes_for(hazards: Iterable[Hazard], forkserver: bool = False) -> list[str]:
+    """Ways to fix these hazards for good, only those that apply: each pool's own first.
+
+    ``forkserver``: the fork is the multiprocessing forkserver's, so "use forkserver" is no
+    advice. Keeping pools cold is offered only where a pool has a setting to hold.
+    """
+    from . import pools
+
+    found = list(hazards)
+    lines: list[str] = []
+    cold = False
+    for hazard in found:
+        try:
+            pool = pools.get(hazard.pool)
+        except ValueError:  # a verdict from another process naming a pool this one lacks
+            continue
+        cold = cold or pool.kept_cold is not None
+        lines.extend(fix for fix in pool.fixes if fix not in lines)
+    if cold or not found:
+        lines.append(KEEP_COLD)
+    lines.append(LOAD_AFTER_FORK)
+    lines.append(SPAWN_NOT_FORKSERVER if forkserver else SPAWN)
+    return lines
 
 
 class ForkReport:
     """The facts of one unsafe fork, as handed to subscribers and put in messages."""
 
-    __slots__ = ("census", "fork_site", "hazards", "mode", "notes", "pid", "refused")
+    __slots__ = ("census", "fixes", "fork_site", "hazards", "mode", "notes", "pid", "refused")
 
     def __init__(
         self,
@@ -143,6 +183,7 @@ class ForkReport:
         refused: bool,
         census: Census | None,
         notes: list[str] | None = None,
+        fixes: list[str] | None = None,
     ) -> None:
         self.hazards = hazards
         self.fork_site = fork_site
@@ -155,6 +196,8 @@ class ForkReport:
         """The parent's pid."""
         self.notes = notes or []
         """Extra lines from other parts of tokguard (lazy models loaded, say)."""
+        self.fixes = fixes if fixes is not None else fixes_for(hazards)
+        """Ways to fix it for good that apply to this fork, the pools' own first."""
 
     @property
     def pools(self) -> tuple[str, ...]:
@@ -177,7 +220,7 @@ class ForkReport:
             )
         lines.extend(f"  {note}" for note in self.notes)
         lines.append("  Fix it for good, any one of:")
-        lines.extend(f"  - {fix}" for fix in FIXES)
+        lines.extend(f"  - {fix}" for fix in self.fixes)
         if self.refused:
             lines.append(
                 "  Mode 'raise': no child was created. TOKGUARD_MODE=warn lets such forks go on, repaired."
@@ -190,6 +233,23 @@ class ForkReport:
 
     def __str__(self) -> str:
         return self.message
+
+    def as_dict(self) -> dict[str, Any]:
+        """The report as a JSON-ready dict, for log pipelines (``json.dumps(report.as_dict())``)."""
+        census = self.census
+        return {
+            "pid": self.pid,
+            "fork_site": self.fork_site,
+            "mode": self.mode,
+            "refused": self.refused,
+            "consequence": consequence(self.hazards),
+            "hazards": [h.as_dict() for h in self.hazards],
+            "os_threads": census.os_threads if census is not None else None,
+            "python_threads": census.python_threads if census is not None else None,
+            "notes": list(self.notes),
+            "fixes": list(self.fixes),
+            "message": self.message,
+        }
 
     def __repr__(self) -> str:
         return (

@@ -16,6 +16,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -99,6 +101,10 @@ class Run:
     @property
     def label(self) -> str:
         return f"{self.row} {'with' if self.guard else 'without'} tokguard"
+
+    @property
+    def runs(self) -> list[Run]:
+        return [self]
 
     def start(self, env: dict[str, str]) -> None:
         # Files, not pipes: nobody reads while the run is going, and a pipe could fill up.
@@ -198,6 +204,75 @@ class Run:
         }
 
 
+class Together:
+    """Runs that share one interpreter's imports: it imports them once and forks each run.
+
+    Both runs of a row that needs sentence-transformers would each spend about 7 s of CPU
+    importing it; forked from one interpreter that imported it (and torch) and ran nothing
+    else, they pay once. ``scenarios`` (``--together``) does the forking; here it is one job
+    whose runs all end when it does.
+    """
+
+    def __init__(self, runs: list[Run], imports: list[str]) -> None:
+        self.runs = runs
+        self.imports = imports
+        self.folder = tempfile.mkdtemp(prefix="tokguard-demo-")
+        timeout = max(run.timeout for run in runs)
+        spec = {
+            "imports": imports,
+            "folder": self.folder,
+            "runs": [run.argv[2:] for run in runs],  # after the interpreter and standalone.py
+        }
+        self.argv = [sys.executable, standalone.PATH, scenarios.TOGETHER, json.dumps(spec)]
+        for run in runs:
+            run.timeout = timeout  # they end together: one deadline for all
+
+    @property
+    def label(self) -> str:
+        return f"{len(self.runs)} runs sharing one import of {', '.join(self.imports)}"
+
+    def start(self, env: dict[str, str]) -> None:
+        # Its own process group: a deadline kills the forked runs and their children too.
+        proc = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
+        started = time.monotonic()
+        for i, run in enumerate(self.runs):
+            run.proc, run.started = proc, started
+            run._out = open(os.path.join(self.folder, f"{i}.out"), "w+b")  # noqa: SIM115
+            run._err = open(os.path.join(self.folder, f"{i}.err"), "w+b")  # noqa: SIM115
+
+    @property
+    def started(self) -> float:
+        return self.runs[0].started
+
+    def poll(self) -> bool:
+        proc = self.runs[0].proc
+        assert proc is not None
+        if proc.poll() is None:
+            if time.monotonic() - self.started < self.runs[0].timeout + STARTUP_ALLOWANCE:
+                return False
+            self.kill()  # the whole group: each run then reports what it printed
+        for run in self.runs:
+            run.poll()
+        shutil.rmtree(self.folder, ignore_errors=True)
+        return True
+
+    def kill(self) -> None:
+        proc = self.runs[0].proc
+        if proc is not None and proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            proc.wait()
+
+
 def _guard_worked(run: Run) -> bool:
     """A guarded run is right when no child hung, and any failure is tokguard's clear error."""
     if run.error or run.result is None:
@@ -217,7 +292,7 @@ class Progress:
         self.tty = stream.isatty()
         self.width = 0
 
-    def update(self, done: int, running: list[Run]) -> None:
+    def update(self, done: int, running: list[Run | Together]) -> None:
         if not self.tty:
             return
         now = time.monotonic()
@@ -235,39 +310,40 @@ class Progress:
         self.stream.flush()
 
 
-def run_all(runs: list[Run], jobs: int, progress: Progress | None) -> None:
+def run_all(work: list[Run | Together], jobs: int, progress: Progress | None) -> None:
     env = dict(os.environ)
     env["HF_HUB_OFFLINE"] = "1"  # no network, ever: the models are built locally
     env["TQDM_DISABLE"] = "1"
     env.pop("TOKGUARD_MODE", None)
-    pending = list(runs)
-    running: list[Run] = []
+    pending = list(work)
+    running: list[Run | Together] = []
     done = 0
     try:
         while pending or running:
             while pending and len(running) < jobs:
-                run = pending.pop(0)
-                run.start(env)
-                running.append(run)
-            for run in list(running):
-                if run.poll():
-                    running.remove(run)
-                    done += 1
-                    if progress:
-                        progress.finished(done, run)
+                job = pending.pop(0)
+                job.start(env)
+                running.append(job)
+            for job in list(running):
+                if job.poll():
+                    running.remove(job)
+                    for run in job.runs:
+                        done += 1
+                        if progress:
+                            progress.finished(done, run)
             if progress:
                 progress.update(done, running)
             time.sleep(0.1)
     finally:
-        for run in running:
-            run.kill()
+        for job in running:
+            job.kill()
 
 
 def _indent(text: str, prefix: str) -> str:
     return "\n".join(prefix + line for line in text.splitlines())
 
 
-def render(rows: list[dict[str, Any]], total: float) -> str:
+def render(rows: list[dict[str, Any]], total: float, shared: list[str] | None = None) -> str:
     """The table, then what tokguard printed for each row."""
     head = ("row", "without tokguard", "with tokguard")
     table = [head] + [
@@ -302,6 +378,20 @@ def render(rows: list[dict[str, Any]], total: float) -> str:
         if guarded and guarded["child_errors"]:
             out.append("  the child said: " + guarded["child_errors"][0][:300])
         out.append("")
+    together = [r["row"] for r in rows if r.get("shared_imports")]
+    first = [r["row"] for r in rows if not r.get("skipped") and not r.get("shared_imports")]
+    if together:
+        out.append(
+            f"Where tokguard is imported: {', '.join(together)} ran in children forked from "
+            f"one interpreter that had imported {', '.join(shared or [])} and nothing else "
+            "(imports start no pool); their 'with tokguard' child imports tokguard after "
+            "those imports, before the model is built."
+            + (
+                f" {', '.join(first)}: tokguard is the first import of its own interpreter."
+                if first
+                else ""
+            )
+        )
     out.append(f"Total {total:.1f} s.")
     return "\n".join(out)
 
@@ -323,6 +413,7 @@ def main(
         return "ok"
     names = parse_rows(rows)
     jobs = jobs or min(4, 2 * (os.cpu_count() or 1))
+    shared = sorted({module for name in names for module, _ in NEEDS.get(name, ())})
     start = time.monotonic()
     results: list[dict[str, Any]] = []
     runs: list[Run] = []
@@ -344,10 +435,19 @@ def main(
             t = timeout or (TORCH_TIMEOUT if name in NEEDS else TOKENIZER_TIMEOUT)
             pairs[name] = (Run(name, False, forks, t), Run(name, True, forks, t))
         results.append(entry)
-    # Longest first, both runs of a row together: the imports (sentence-transformers, then
-    # torch) are what takes time now that hangs are recognised at once.
-    for name in sorted(pairs, key=lambda n: -len(NEEDS.get(n, ()))):
-        runs.extend(pairs[name])
+    # Rows that need torch (and sentence-transformers) share one import of them, started
+    # first: those imports are what takes time now that hangs are recognised at once.
+    heavy = [name for name in pairs if name in NEEDS]
+    work: list[Run | Together] = []
+    if len(heavy) > 1 or (heavy and len(NEEDS[heavy[0]]) > 1):
+        work.append(Together([run for name in heavy for run in pairs[name]], shared))
+        for entry in results:
+            if entry["row"] in heavy:
+                entry["shared_imports"] = shared
+    else:
+        work.extend(run for name in heavy for run in pairs[name])
+    work.extend(run for name in pairs if name not in NEEDS for run in pairs[name])
+    runs.extend(run for job in work for run in job.runs)
     if not json_output:
         t_text = (
             f"{timeout:g} s"
@@ -358,7 +458,7 @@ def main(
             f"tokguard demo: {len(pairs)} scenarios x (without, with tokguard), {forks} forks "
             f"each, watchdog {t_text}, {jobs} at a time\n"
         )
-    run_all(runs, jobs, None if json_output else Progress(sys.stderr, len(runs)))
+    run_all(work, jobs, None if json_output else Progress(sys.stderr, len(runs)))
     total = time.monotonic() - start
     worked = True
     for entry in results:
@@ -371,5 +471,5 @@ def main(
     if json_output:
         print(json.dumps({"rows": results, "seconds": round(total, 2), "ok": worked}, indent=2))
     else:
-        print(render(results, total))
+        print(render(results, total, shared))
     return "ok" if worked else "unsafe"

@@ -41,7 +41,12 @@ class Pool:
     repair: str | None = None
     """What ``repair_child`` does, in words; None where no repair exists."""
     consequence = "hang"
-    """What a child that uses the pool does after an unsafe fork: ``hang`` or ``fail``."""
+    """What a child that uses the pool does after an unsafe fork, one of
+    ``tokguard._report.CONSEQUENCES``: ``hang`` (at 0 % CPU), ``spin`` (hangs at 100 % CPU),
+    ``crash`` (dies on a signal) or ``fail`` (gets an error). ``hazard()`` can say otherwise
+    for one fork, where the runtime's behaviour depends on its settings."""
+    fixes: tuple[str, ...] = ()
+    """Ways to fix it for good that are this pool's own, shown before the general ones."""
     kept_cold: str | None = None
     """What ``single_threaded()`` and master mode do for it, in words (the ``cool`` and
     ``put_back`` below do it); None: nothing, and those methods are not called."""
@@ -65,6 +70,11 @@ class Pool:
     def repair_child(self) -> None:
         """Make the pool safe in a forked child (only called where ``repair`` is set)."""
 
+    def doctor_lines(self) -> list[str]:
+        """What ``tokguard doctor`` says about the pool's library as installed and set up (a
+        version, an environment variable) under "Runtimes", without importing it; often nothing."""
+        return []
+
     # Keeping the pool cold: ``single_threaded()`` and master mode (``_coldstart``) save every
     # pool's setting, hold the pool at one thread, and put the setting back when the
     # last block ends (in a master's workers: right after the fork). A pool that has no
@@ -85,10 +95,14 @@ class Pool:
         """Give back ``saved``, unless the setting changed since ``cool`` (the user's newer
         choice is kept) or ``repaired`` (a child repaired for this pool at its fork)."""
 
-    def hazard(self, evidence: str, first_use: str | None = None) -> "Hazard":
+    def hazard(
+        self, evidence: str, first_use: str | None = None, consequence: str | None = None
+    ) -> "Hazard":
         from .._report import Hazard
 
-        return Hazard(self.id, self.title, evidence, first_use, self.repair, self.consequence)
+        return Hazard(
+            self.id, self.title, evidence, first_use, self.repair, consequence or self.consequence
+        )
 
     def __repr__(self) -> str:
         return f"<tokguard pool {self.id!r}>"
@@ -197,19 +211,26 @@ def _loader(name: str, triggers: tuple[str, ...]) -> "Callable[[ModuleType], Non
     return load
 
 
+_threads_module: "ModuleType | None" = None
+
+
 def assess() -> "tuple[list[Hazard], _threads.Census | None]":
     """The hazards present now and the thread census they were judged on.
 
     Never raises: a pool whose ``detect`` fails is reported once (on stderr, through the
     report module's internal-error path) and counts as "nothing found".
     """
-    # Imported at the first fork, not at ``import tokguard`` (about 0.1 ms each).
-    from .. import _threads
+    global _threads_module
+    if _threads_module is None:
+        # Imported at the first fork, not at ``import tokguard`` (about 0.1 ms); kept, as an
+        # import statement at every fork would touch the import system's objects each time.
+        from .. import _threads
 
+        _threads_module = _threads
     census = None
     try:
-        # Cheap where nothing runs but the caller: one stat of /proc/self/task.
-        census = _threads.census()
+        # Cheap where nothing runs but the caller: one stat of /proc/PID/task.
+        census = _threads_module.census()
     except Exception as exc:
         from .._report import internal_error
 
@@ -273,4 +294,9 @@ REGISTRY: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("openmp", ()),
     ("torch_cuda", ("torch",)),
     ("polars", ("polars",)),
+    ("onnxruntime", ("onnxruntime",)),
+    ("numba", ("numba",)),
+    ("grpc_core", ("grpc",)),
+    ("hf_xet_tokio", ("hf_xet",)),
+    ("tokio", ()),
 )

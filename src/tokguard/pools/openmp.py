@@ -5,6 +5,7 @@ limits OpenMP to one thread through threadpoolctl, where it is installed.
 """
 
 import os
+import sys
 
 from . import Pool, torch_dir
 
@@ -32,10 +33,15 @@ class OtherOpenMP(Pool):
         self._limited: list[tuple[Any, int]] = []  # master mode: controller, threads before
 
     def detect(self, census: "_threads.Census | None") -> "Hazard | None":
-        if census is None:
+        if census is None or not census.openmp:
             return None
         here = torch_dir() or "\0"
-        teams = {p: n for p, n in census.hanging_openmp().items() if not p.startswith(here)}
+        numba = sys.modules.get(f"{__package__}.numba")  # its pool reports numba's own team
+        teams = {
+            p: n
+            for p, n in census.hanging_openmp().items()
+            if not p.startswith(here) and not (numba is not None and numba.POOL.owns(p))
+        }
         if not teams:
             return None
         described = ", ".join(

@@ -54,6 +54,7 @@ class Polars(Pool):
         "Started by the first parallel query (group_by, join, a lazy collect). Found by its "
         "worker threads' names, polars-0, polars-1..., in /proc/self/task/*/comm."
     )
+    fixes = ("run polars queries in the workers, or fork them before the first parallel query",)
 
     def detect(self, census: _threads.Census | None) -> Hazard | None:
         if "polars" not in sys.modules:
@@ -63,8 +64,7 @@ class Polars(Pool):
             return None
         return self.hazard(
             f"{threads} polars-N worker thread(s) are alive: a parallel query ran; the same "
-            "query in a forked child hangs. Fork before loading data with polars, or start "
-            "workers with spawn or forkserver"
+            "query in a forked child hangs"
         )
 
 

@@ -35,6 +35,7 @@ THREADS_MESSAGE = (
 )
 
 _restores: list[Callable[[], None]] = []  # put back what instrument replaced
+_NOT_SEEN = "not recorded (tokguard sees nn.Module calls and matmuls; another tensor op started it)"
 
 
 def _torch_threads() -> int:
@@ -106,16 +107,13 @@ class TorchOpenMP(Pool):
                 spinning = self._spinning_workers(census.busy, threads) if census.busy else None
                 if spinning is None:
                     return None
-                evidence = spinning
+                # Workers that never block: a child stuck on them burns its CPU, not waits.
+                return self.hazard(spinning, self.first_use or _NOT_SEEN, "spin")
         elif self.first_use is not None:
             evidence = f"a model or matmul ran with torch.get_num_threads() = {threads}"
         else:
             return None
-        return self.hazard(
-            evidence,
-            self.first_use
-            or "not recorded (tokguard sees nn.Module calls and matmuls; another tensor op started it)",
-        )
+        return self.hazard(evidence, self.first_use or _NOT_SEEN)
 
     def _spinning_workers(self, busy: int, threads: int) -> str | None:
         """Evidence for a team whose workers never block, so show no pointer into libgomp.
