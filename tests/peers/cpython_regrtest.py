@@ -356,7 +356,15 @@ def debian_testsuite(minor: str) -> tuple[Path, str]:
             version = deb.name.split("_")[1]
             unpacked = work / "unpacked"
             unpacked.mkdir()
-            subprocess.run(["dpkg-deb", "-x", str(deb), str(unpacked)], check=True, timeout=300)
+            try:
+                subprocess.run(
+                    ["dpkg-deb", "-x", str(deb), str(unpacked)],
+                    capture_output=True,
+                    check=True,
+                    timeout=300,
+                )
+            except (OSError, subprocess.SubprocessError) as exc:
+                raise Unavailable(f"dpkg-deb could not unpack {deb.name}: {exc}") from None
             tests = unpacked / "usr" / "lib" / f"python{minor}" / "test"
             target = CACHE / minor / "test"
             target.mkdir(parents=True, exist_ok=True)

@@ -3,14 +3,16 @@
 For each interpreter (3.11, 3.12, 3.13) and each test module of ``cpython_regrtest.MODULES``,
 regrtest runs the module bare and as ``tokguard run -- pythonX.Y -m test ...`` side by side,
 and the two runs are compared test by test: the same passes, skips and failures, the same
-result per module, no line from tokguard, and the "multi-threaded, use of fork()"
-DeprecationWarnings of 3.12+ attributed to the same places. A test whose outcome differs is
-run again alone in both modes: the same outcome then makes it flaky (printed), a difference
-again fails here. Wall and CPU time of both runs are printed (``-rP`` shows them), never
-asserted.
+result per module, every process that imports the ``test`` package guarded (none bare),
+nothing said by tokguard, and the "multi-threaded, use of fork()" DeprecationWarnings of
+3.12+ attributed to the same places. A test whose outcome differs is run again alone in both
+modes: the same outcome then makes it flaky (printed), a difference again fails here unless
+``cpython_regrtest.KNOWN`` explains it for that interpreter (printed with the reason). Wall
+and CPU time of both runs are printed (``-rP`` shows them), never asserted.
 
-The control: a module of our own that fails only where tokguard is imported is caught as a
-difference by the same comparison, reruns included.
+The control: a module of our own whose tests fail, skip or make tokguard report only where
+tokguard is imported is caught by the same comparison, reruns included, and its fork of a
+multi-threaded process is attributed to its own line in both modes.
 """
 
 from __future__ import annotations
