@@ -802,6 +802,44 @@ def test_forked_reports_switch_is_listed(plain_forked: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(["*tokguard_forked_reports (bool):*"])
 
 
+# A plugin's own test suite (pytest-forked's does this) runs pytest --forked sessions inside
+# its pytest process with pytester. Each makes that process a master while it runs.
+NESTED_FORKED = '''
+import os
+import tokguard
+
+INNER_CONFTEST = """
+def pytest_collection_finish(session):
+    import tokguard
+    print("INNER_MASTER=" + str(tokguard.master_mode().active))
+"""
+
+
+def test_inner_forked_session(pytester):
+    pytester.makeconftest(INNER_CONFTEST)
+    pytester.makepyfile(test_inner="def test_x(): pass")
+    inner = pytester.runpytest_inprocess("--forked", "-s", "-p", "no:cacheprovider")
+    inner.assert_outcomes(passed=1)
+    inner.stdout.fnmatch_lines(["*INNER_MASTER=True*"])
+    print("OUTER_MASTER=" + str(tokguard.master_mode().active))
+    print("OUTER_PARALLELISM=" + os.environ["TOKENIZERS_PARALLELISM"])
+'''
+
+
+def test_inner_forked_session_gives_the_settings_back(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A --forked session run inside another pytest process makes it a master while it runs,
+    and no longer: the user's TOKENIZERS_PARALLELISM=true is back after it."""
+    pytest.importorskip("pytest_forked")
+    monkeypatch.delenv("TOKGUARD_MODE", raising=False)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+    pytester.makepyfile(test_outer=NESTED_FORKED)
+    result = run(pytester, "-p", "pytester", "-s")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*OUTER_MASTER=False*", "*OUTER_PARALLELISM=true*"])
+
+
 # --- import cost ----------------------------------------------------------------------------
 
 

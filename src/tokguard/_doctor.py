@@ -191,7 +191,10 @@ def collect(import_libraries: bool = True) -> dict[str, Any]:
             for pool in pools.ALL
             if pool.kept_cold is None
             and pool.id not in running
-            and (not pool.triggers or any(name in sys.modules for name in pool.triggers))
+            and (
+                pool.triggers in ((), pools.THREADED)  # any library may start it
+                or any(name in sys.modules for name in pool.triggers)
+            )
         ]
     info["pools"] = [pool.id for pool in pools.known()]
     # Each pool's word on its library as installed and set up, whether it runs or not.

@@ -444,6 +444,7 @@ FORKED_REPORTS_HELP = (
 
 
 _KEY = pytest.StashKey[TokguardPlugin]()
+_MASTER_BEGAN = pytest.StashKey[bool]()  # this session made the process a master (--forked)
 _active: TokguardPlugin | None = None
 _hooks_registered = False
 
@@ -493,9 +494,30 @@ def _master_mode_under_forked(config: pytest.Config) -> None:
             return
         from . import _master
 
+        began = _master.reason is None
         _master.recognised(_master.PYTEST_FORKED)
+        if began and _master.reason == _master.PYTEST_FORKED:
+            config.stash[_MASTER_BEGAN] = True
     except Exception as exc:
         _report.internal_error("the pytest plugin's master-mode check", exc)
+
+
+def _end_master_mode(config: pytest.Config) -> None:
+    """End the master mode that this session began, giving the process its settings back.
+
+    A session run inside another process (pytester's in-process runs, as plugin test
+    suites do) would otherwise leave that process a master after it ended: its
+    ``TOKENIZERS_PARALLELISM`` overwritten, its torch at one thread.
+    """
+    if not config.stash.get(_MASTER_BEGAN, False):
+        return
+    try:
+        from . import _master
+
+        if _master.reason == _master.PYTEST_FORKED:
+            _master._end()
+    except Exception as exc:
+        _report.internal_error("the pytest plugin's end of master mode", exc)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -533,6 +555,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     global _active
+    _end_master_mode(config)
     plugin = config.stash.get(_KEY, None)
     if plugin is None:
         return

@@ -52,6 +52,7 @@ def _show(parts: tuple[int, ...]) -> str:
 
 class HfXetTokio(Pool):
     id = "hf-xet-tokio"
+    found_by_threads = True
     title = "hf_xet runtime (tokio)"
     description = (
         "Started at import by hf_xet up to 1.1.5 (huggingface_hub's downloads); found by "

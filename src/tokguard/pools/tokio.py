@@ -6,7 +6,8 @@ child inherits the runtime's queues but none of its workers: a task it hands the
 never runs, and the child hangs (tokenizers' ``async_*`` calls, hang-table row 9). Nothing in
 the child can restart a runtime another library owns.
 
-Loaded with tokguard, not with one library, because any extension may embed tokio. Where
+Not tied to one library, because any extension may embed tokio: loaded by the first census
+that finds a thread besides the caller's (``pools.THREADED``). Where
 the threads' owner is known from the libraries loaded, the report names it; runtimes that
 a pool of their own reports already (tokenizers' recorded ``async_*`` calls, polars'
 query pool) are left to it. hf_xet names its threads itself (``hf_xet_tokio``).
@@ -34,6 +35,7 @@ OWNERS = (
 
 class Tokio(Pool):
     id = "tokio"
+    found_by_threads = True
     title = "tokio runtime of an extension module"
     description = (
         "Started by a Rust extension's first async work. Found by tokio's worker threads' "
