@@ -26,9 +26,11 @@ def test_registry_lists_every_pool_once_and_names_the_choices() -> None:
     assert result.returncode == 0, str(result)
     got = values(result)
     ids = (
-        "tokenizers-rayon,tokenizers-tokio,torch-openmp,openmp,torch-cuda,polars,onnxruntime,numba"
+        "tokenizers-rayon,tokenizers-tokio,torch-openmp,openmp,torch-cuda,polars,onnxruntime,"
+        "numba,grpc,hf-xet-tokio,tokio"
     )
-    # Nothing imported but tokguard: only the pool no library import announces is loaded.
+    # Nothing imported but tokguard: only the pool no library import announces is loaded;
+    # tokio's waits for a census that finds a second thread (there is none here).
     assert got["LOADED"] == "openmp"
     assert got["IDS"] == ids
     assert got["GET"] == f"unknown pool 'rayon'; known pools are {ids.replace(',', ', ')}"
@@ -81,20 +83,34 @@ def test_report_words_follow_what_each_runtime_does() -> None:
 
 def test_fixes_offer_only_advice_that_applies() -> None:
     """A pool's own fix comes first; keeping pools cold only where a pool has a setting to
-    hold; no "use forkserver" for a fork the forkserver makes."""
+    hold, lazy_model only where a pool has no fix of its own; no "use forkserver" for a fork
+    the forkserver makes; a warning with no repair says the child must not use the pools."""
     from tokguard import pools
-    from tokguard._report import KEEP_COLD, SPAWN, SPAWN_NOT_FORKSERVER, fixes_for
+    from tokguard._report import (
+        KEEP_COLD,
+        LOAD_AFTER_FORK,
+        SPAWN,
+        SPAWN_NOT_FORKSERVER,
+        ForkReport,
+        fixes_for,
+    )
 
     polars = pools.get("polars").hazard("2 polars-N worker thread(s) are alive")
     torch = pools.get("torch-openmp").hazard("2 GNU OpenMP worker thread(s)")
     only_polars = fixes_for([polars])
     assert only_polars[0] == pools.get("polars").fixes[0]
     assert KEEP_COLD not in only_polars
+    assert LOAD_AFTER_FORK not in only_polars
     assert SPAWN in only_polars
     both = fixes_for([polars, torch], forkserver=True)
     assert KEEP_COLD in both
+    assert LOAD_AFTER_FORK in both
     assert SPAWN_NOT_FORKSERVER in both
     assert not any("spawn or forkserver" in fix for fix in both)
+    warned = ForkReport([polars], "app.py:9 in <module>", "warn", False, None).message
+    assert "no repair exists: the child must not use these pools" in warned
+    assert "with the repair above" not in warned
+    assert "with the repair above" in ForkReport([torch], None, "warn", False, None).message
 
 
 def test_report_as_dict_is_json_and_reads_back() -> None:

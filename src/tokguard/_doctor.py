@@ -33,6 +33,8 @@ DISTRIBUTIONS = (
     "uWSGI",
     "onnxruntime",
     "numba",
+    "grpcio",
+    "hf-xet",
 )
 
 # Variables that size the pools: shown when set, because they change what a fork risks.
@@ -179,7 +181,24 @@ def collect(import_libraries: bool = True) -> dict[str, Any]:
         }
     )
     info["hazards"] = [h.as_dict() for h in hazards]
+    if info["master"]["active"]:
+        # A pool with no setting to hold is cold in a master only where it was not started
+        # (or, hf_xet's, survives a fork): the workers start their own.
+        # Master mode loads every pool's module: only those whose library is here count.
+        running = {h.pool for h in hazards}
+        info["master"]["nothing_to_hold"] = [
+            pool.title
+            for pool in pools.ALL
+            if pool.kept_cold is None
+            and pool.id not in running
+            and (
+                pool.triggers in ((), pools.THREADED)  # any library may start it
+                or any(name in sys.modules for name in pool.triggers)
+            )
+        ]
     info["pools"] = [pool.id for pool in pools.known()]
+    # Each pool's word on its library as installed and set up, whether it runs or not.
+    info["runtimes"] = [line for pool in pools.known() for line in pool.doctor_lines()]
     info["uwsgi"] = _uwsgi.status()
     info["advice"] = advice(info)
     return info
@@ -270,6 +289,20 @@ def _master_lines(master: dict[str, Any]) -> list[str]:
             f"  workers get {_env.PARALLELISM_VAR}={_show(restores[_env.PARALLELISM_VAR])}, "
             f"torch threads {restores['torch_threads'] or 'default'}"
         )
+    if master.get("nothing_to_hold"):
+        lines.append(
+            "  no setting to hold, none unsafe here (workers start their own): "
+            + ", ".join(master["nothing_to_hold"])
+        )
+    return lines
+
+
+def _pool_lines(info: dict[str, Any]) -> list[str]:
+    """The pools watched, then what each pool's library says about itself, if anything."""
+    lines = [f"Pools       {', '.join(info['pools'])} (the ones tokguard watches)"]
+    if info["runtimes"]:
+        lines.append("Runtimes")
+        lines.extend(f"  - {line}" for line in info["runtimes"])
     return lines
 
 
@@ -347,7 +380,7 @@ def render(info: dict[str, Any]) -> str:
             + (" (multi-threaded)" if threads["os_threads"] > 1 else "")
         )
     out.extend(_uwsgi.describe(info.get("uwsgi")))
-    out.append(f"Pools       {', '.join(info['pools'])} (the ones tokguard watches)")
+    out.extend(_pool_lines(info))
     if info["hazards"]:
         out.append("Hazards now")
         out.extend(_report.render_hazards(_report.Hazard.from_dict(h) for h in info["hazards"]))

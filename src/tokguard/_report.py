@@ -155,17 +155,23 @@ def fixes_for(hazards: Iterable[Hazard], forkserver: bool = False) -> list[str]:
 
     found = list(hazards)
     lines: list[str] = []
-    cold = False
+    cold = not found
+    # lazy_model is the general way to do the work in the workers; a pool whose own fixes
+    # say how (gRPC's post_fork, polars' queries) has no model to load lazily.
+    models = not found
     for hazard in found:
         try:
             pool = pools.get(hazard.pool)
         except ValueError:  # a verdict from another process naming a pool this one lacks
+            models = True
             continue
         cold = cold or pool.kept_cold is not None
+        models = models or not pool.fixes
         lines.extend(fix for fix in pool.fixes if fix not in lines)
-    if cold or not found:
+    if cold:
         lines.append(KEEP_COLD)
-    lines.append(LOAD_AFTER_FORK)
+    if models:
+        lines.append(LOAD_AFTER_FORK)
     lines.append(SPAWN_NOT_FORKSERVER if forkserver else SPAWN)
     return lines
 
@@ -225,9 +231,14 @@ class ForkReport:
             lines.append(
                 "  Mode 'raise': no child was created. TOKGUARD_MODE=warn lets such forks go on, repaired."
             )
-        else:
+        elif any(h.repair for h in self.hazards):
             lines.append(
                 "  Mode 'warn': the fork went on with the repair above. TOKGUARD_MODE=raise refuses such forks."
+            )
+        else:
+            lines.append(
+                "  Mode 'warn': the fork went on, and no repair exists: the child must not use "
+                "these pools. TOKGUARD_MODE=raise refuses such forks."
             )
         return "\n".join(lines)
 

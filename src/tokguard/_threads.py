@@ -30,6 +30,10 @@ import os
 import sys
 import time
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
 _TASKS = "/proc/self/task"
 # libgomp/config/linux/*/futex.h: the architectures where libgomp makes the futex call inline.
 _INLINE_FUTEX_MACHINES = ("x86_64", "i386", "i686", "ppc64", "ppc64le", "s390x", "sparc64")
@@ -57,10 +61,15 @@ _SPIN_LIMIT = 10**9
 class Census:
     """What the OS says about this process's threads at one moment."""
 
-    __slots__ = ("busy", "openmp", "os_threads", "python_threads")
+    __slots__ = ("busy", "native", "openmp", "os_threads", "python_threads")
 
     def __init__(
-        self, os_threads: int, python_threads: int, openmp: dict[str, int], busy: int = 0
+        self,
+        os_threads: int,
+        python_threads: int,
+        openmp: dict[str, int],
+        busy: int = 0,
+        native: tuple[int, ...] = (),
     ) -> None:
         self.os_threads = os_threads
         self.python_threads = python_threads
@@ -69,6 +78,8 @@ class Census:
         self.busy = busy
         """Native threads that kept running through the settle window, so could not be
         classified: GNU OpenMP workers under ``OMP_WAIT_POLICY=ACTIVE`` look like this."""
+        self.native = native
+        """The ids of the threads Python does not know about, for ``native_names``."""
 
     @property
     def native_threads(self) -> int:
@@ -219,7 +230,7 @@ def census() -> Census | None:
     try:
         if _thread_count() == 1:
             # Only the thread that asks: nothing else can hold a lock or a pool.
-            if _classified or _spinning:
+            if _classified or _spinning or _names:
                 forget()
             return ALONE
         tids = [int(t) for t in os.listdir(_TASKS)]
@@ -228,9 +239,9 @@ def census() -> Census | None:
     known = python_thread_ids()
     openmp: dict[str, int] = {}
     alive = set(tids)
-    for tid in list(_classified):
-        if tid not in alive:
-            del _classified[tid]
+    for cache in (_classified, _names):
+        for tid in [t for t in cache if t not in alive]:
+            del cache[tid]
     _spinning.intersection_update(alive)
     reload_ranges = [True]
     pending = [tid for tid in tids if tid not in known and tid not in _classified]
@@ -267,7 +278,55 @@ def census() -> Census | None:
             openmp[library] = openmp.get(library, 0) + 1
     if not _readable:
         return None
-    return Census(len(tids), len(known & alive), openmp, busy)
+    native = tuple(tid for tid in tids if tid not in known)
+    return Census(len(tids), len(known & alive), openmp, busy, native)
+
+
+# --- thread names: the evidence of runtimes that name their threads (gRPC, tokio) ----------
+
+_names: dict[int, tuple[str, bool]] = {}
+"""tid -> (its name, read alike twice). A new thread carries its creator's name until it
+sets its own, a moment after it starts: a name is trusted once two censuses read it alike."""
+
+
+def _name_of(tid: int) -> str | None:
+    cached = _names.get(tid)
+    if cached is not None and cached[1]:
+        return cached[0]
+    try:
+        with open(f"{_TASKS}/{tid}/comm", "rb") as f:
+            name = f.read().rstrip(b"\n").decode("utf-8", "replace")
+    except OSError:  # the thread has just exited
+        return None
+    _names[tid] = (name, cached is not None and cached[0] == name)
+    return name
+
+
+def native_names(census: Census | None) -> list[str]:
+    """The names (``comm``: 15 characters at most) of the threads Python does not know about.
+
+    Read from ``census`` where there is one (no second listing of /proc/self/task); where
+    there is none (a machine whose OpenMP census cannot be read), from a listing of its own,
+    so the runtimes found by name are found on every Linux. Each name is read at most twice.
+    """
+    if census is not None:
+        tids: Iterable[int] = census.native
+    else:
+        try:
+            listed = [int(t) for t in os.listdir(_TASKS)]
+        except OSError:
+            return []
+        known = python_thread_ids()
+        alive = set(listed)
+        for tid in [t for t in _names if t not in alive]:
+            del _names[tid]
+        tids = (tid for tid in listed if tid not in known)
+    names = []
+    for tid in tids:
+        name = _name_of(tid)
+        if name is not None:
+            names.append(name)
+    return names
 
 
 def forget() -> None:
@@ -277,3 +336,5 @@ def forget() -> None:
         _classified.clear()
     if _spinning:
         _spinning.clear()
+    if _names:
+        _names.clear()

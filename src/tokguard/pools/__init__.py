@@ -47,6 +47,9 @@ class Pool:
     for one fork, where the runtime's behaviour depends on its settings."""
     fixes: tuple[str, ...] = ()
     """Ways to fix it for good that are this pool's own, shown before the general ones."""
+    found_by_threads = False
+    """True where ``detect`` finds the pool only by its threads: a fork whose caller is the
+    process's only thread does not ask it (nothing of it can be running)."""
     kept_cold: str | None = None
     """What ``single_threaded()`` and master mode do for it, in words (the ``cool`` and
     ``put_back`` below do it); None: nothing, and those methods are not called."""
@@ -69,6 +72,11 @@ class Pool:
 
     def repair_child(self) -> None:
         """Make the pool safe in a forked child (only called where ``repair`` is set)."""
+
+    def doctor_lines(self) -> list[str]:
+        """What ``tokguard doctor`` says about the pool's library as installed and set up (a
+        version, an environment variable) under "Runtimes", without importing it; often nothing."""
+        return []
 
     # Keeping the pool cold: ``single_threaded()`` and master mode (``_coldstart``) save every
     # pool's setting, hold the pool at one thread, and put the setting back when the
@@ -159,6 +167,8 @@ def _instrument_pool(pool: Pool) -> None:
     from .. import _instrument
 
     for name in pool.triggers:
+        if name == THREADED[0]:
+            continue
         late = name in _present_at_install
 
         def hook(module: "ModuleType", pool: Pool = pool, late: bool = late) -> None:
@@ -191,6 +201,8 @@ def install() -> None:
     from .. import _instrument
 
     for name, triggers in REGISTRY:
+        if triggers == THREADED:
+            continue  # loaded by the first census that finds another thread (assess)
         if not triggers or any(t in sys.modules for t in triggers):
             _load(name, triggers)
             continue
@@ -207,6 +219,15 @@ def _loader(name: str, triggers: tuple[str, ...]) -> "Callable[[ModuleType], Non
 
 
 _threads_module: "ModuleType | None" = None
+_threaded_pending = True  # pools registered with THREADED not loaded yet
+
+
+def _load_threaded() -> None:
+    global _threaded_pending
+    _threaded_pending = False
+    for name, triggers in REGISTRY:
+        if triggers == THREADED:
+            _load(name, triggers)
 
 
 def assess() -> "tuple[list[Hazard], _threads.Census | None]":
@@ -231,7 +252,12 @@ def assess() -> "tuple[list[Hazard], _threads.Census | None]":
 
         internal_error("thread census", exc)
     found = []
+    alone = census is _threads_module.ALONE
+    if not alone and _threaded_pending:
+        _load_threaded()
     for pool in ALL:
+        if alone and pool.found_by_threads:
+            continue  # the common fork: each pool asked writes memory the fork then copies
         try:
             hazard = pool.detect(census)
         except Exception as exc:
@@ -279,9 +305,15 @@ def torch_dir() -> str | None:
     return os.path.dirname(path) + os.sep if path else None
 
 
+THREADED = ("<another thread>",)
+"""Triggers of a pool that any extension may start and that only its threads reveal: its
+module is loaded by the first fork (or ``hazards()``) that finds a thread besides the
+caller's, not at ``import tokguard`` (about 0.1 ms a module) nor at every fork before that."""
+
 # The registry: the only list of pools, in the order reports list them, each with the
 # modules whose import lets tokguard watch it and loads its module (none: loaded at once,
-# as any library may bring GNU OpenMP). Each module costs about 0.1 ms of `import tokguard`.
+# as any library may bring GNU OpenMP; THREADED: once a second thread is seen). Each
+# module costs about 0.1 ms of `import tokguard`.
 REGISTRY: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("tokenizers_rayon", ("tokenizers",)),
     ("tokenizers_tokio", ("tokenizers",)),
@@ -291,4 +323,7 @@ REGISTRY: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("polars", ("polars",)),
     ("onnxruntime", ("onnxruntime",)),
     ("numba", ("numba",)),
+    ("grpc_core", ("grpc",)),
+    ("hf_xet_tokio", ("hf_xet",)),
+    ("tokio", THREADED),
 )

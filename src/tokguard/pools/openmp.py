@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 class OtherOpenMP(Pool):
     id = "openmp"
+    found_by_threads = True
     title = "GNU OpenMP pool of another library"
     repair = "OpenMP limited to 1 thread in the child through threadpoolctl (when installed)"
     kept_cold = "limited to one thread through threadpoolctl in master mode, put back in workers"

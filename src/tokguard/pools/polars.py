@@ -49,6 +49,7 @@ def pool_threads() -> int:
 
 class Polars(Pool):
     id = "polars"
+    found_by_threads = True
     title = "polars thread pool (rayon)"
     description = (
         "Started by the first parallel query (group_by, join, a lazy collect). Found by its "

@@ -46,6 +46,7 @@ def _torch_threads() -> int:
 
 class TorchOpenMP(Pool):
     id = "torch-openmp"
+    found_by_threads = True
     title = "torch intra-op pool (GNU OpenMP)"
     repair = "torch.set_num_threads(1) in the child: it runs torch single-threaded"
     kept_cold = "torch.set_num_threads(1) while cold, the previous count put back after"
