@@ -158,6 +158,42 @@ def test_torch_instrumented_when_imported() -> None:
     assert values(result)["MATMUL"] == "True"
 
 
+def test_torch_wrappers_stay_out_of_both_compilers(tmp_path: Path) -> None:
+    """TorchScript compiles through the wrappers; the function ones go before dynamo is imported."""
+    needs("torch")
+    code = """
+    import tokguard
+    import torch
+    def f(a, b):
+        return torch.matmul(a, b) + torch.mm(a, b) + torch.einsum("ij,jk->ik", a, b) + a @ b
+    a = torch.ones(2, 2)
+    print("SCRIPTED=%s" % torch.equal(torch.jit.script(f)(a, a), f(a, a)))
+    import torch._dynamo  # lists torch's functions by identity, once
+    names = ("matmul", "mm", "bmm", "einsum")
+    print("FUNCTIONS=%s" % any(hasattr(getattr(torch, n), "__wrapped__") for n in names))
+    print("OPERATOR=%s" % hasattr(torch.Tensor.__matmul__, "__wrapped__"))
+    print("MODULE_CALL=%s" % hasattr(torch.nn.Module._call_impl, "__wrapped__"))
+    """
+    # A file: TorchScript compiles from source. One thread: no first use takes the wrappers away.
+    result = run_py(code, timeout=180, path=tmp_path / "compilers.py", env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, str(result)
+    assert values(result) == {
+        "SCRIPTED": "True",
+        "FUNCTIONS": "False",
+        "OPERATOR": "False",
+        "MODULE_CALL": "True",
+    }
+    late = """
+    import torch, torch._dynamo
+    import tokguard
+    print("MODULE_CALL=%s" % hasattr(torch.nn.Module._call_impl, "__wrapped__"))
+    print("FUNCTIONS=%s" % hasattr(torch.matmul, "__wrapped__"))
+    """
+    result = run_py(late, timeout=180)
+    assert result.returncode == 0, str(result)
+    assert values(result) == {"MODULE_CALL": "False", "FUNCTIONS": "False"}
+
+
 def test_import_failure_of_a_hooked_module_propagates() -> None:
     """An import error inside a hooked module reaches the user unchanged; hooks stay pending."""
     code = """

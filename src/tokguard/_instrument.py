@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 _hooks: "dict[str, list[Callable[[ModuleType], None]]]" = {}
+_before: "dict[str, list[Callable[[], None]]]" = {}
 
 
 class _Loader:
@@ -48,6 +49,8 @@ class _Finder:
     def find_spec(
         self, fullname: str, path: "Sequence[str] | None" = None, target: "ModuleType | None" = None
     ) -> "ModuleSpec | None":
+        if fullname in _before:
+            _run_before(fullname)
         if fullname not in _hooks or fullname in self._busy:
             return None
         self._busy.add(fullname)
@@ -79,6 +82,21 @@ def _run_hooks(module: "ModuleType") -> None:
             internal_error(f"instrumenting {module.__name__}", exc)
 
 
+def _run_before(name: str) -> None:
+    for hook in _before.pop(name, []):
+        try:
+            hook()
+        except Exception as exc:
+            from ._report import internal_error
+
+            internal_error(f"preparing the import of {name}", exc)
+
+
+def _watch_imports() -> None:
+    if not any(isinstance(f, _Finder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _Finder())
+
+
 def when_imported(name: str, hook: "Callable[[ModuleType], None]") -> None:
     """Run ``hook(module)`` once ``name`` is imported, or now if it already is."""
     module = sys.modules.get(name)
@@ -87,8 +105,18 @@ def when_imported(name: str, hook: "Callable[[ModuleType], None]") -> None:
         _run_hooks(module)
         return
     _hooks.setdefault(name, []).append(hook)
-    if not any(isinstance(f, _Finder) for f in sys.meta_path):
-        sys.meta_path.insert(0, _Finder())
+    _watch_imports()
+
+
+def before_import(name: str, hook: "Callable[[], None]") -> None:
+    """Run ``hook()`` once, when the import of ``name`` starts; never if it is imported already.
+
+    For a module that reads what we changed, once, while it is imported (``torch._dynamo``
+    lists torch's functions by identity).
+    """
+    if name not in sys.modules:
+        _before.setdefault(name, []).append(hook)
+        _watch_imports()
 
 
 def install() -> None:

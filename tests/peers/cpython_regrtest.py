@@ -81,7 +81,8 @@ _SCRUBBED_PREFIXES = ("PYTEST_", "COV_")
 
 # "0:00:40 load avg: 6.09 [ 5/21] test_concurrent_futures.test_future passed (39.2 sec)"
 _PROGRESS = re.compile(r"\[\s*\d+/\d+(?:/\d+)?\] (?P<module>\S+) (?P<result>.*)$")
-_DURATION = re.compile(r" \((?:\d+ hour )?(?:\d+ min )?[\d.]+ (?:sec|ms)\)$")
+# regrtest's durations: "350 ms", "39.2 sec", "1 min", "1 min 3 sec", "1 hour", "1 hour 2 min".
+_DURATION = re.compile(r" \(\d[\d.]* (?:ms|sec|min|hour)(?: \d+ (?:sec|min))?\)$")
 # CPython 3.12+: os.fork() of a process with more than one thread, attributed to its caller,
 # as the `test` package notes it: "fork-warning FILE:LINE: MESSAGE".
 _FORK_WARNING = re.compile(

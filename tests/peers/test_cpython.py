@@ -131,6 +131,31 @@ def test_same_results_under_tokguard_run(version: str, module: str, tmp_path: Pa
         print(f"fork DeprecationWarnings differ after tests that differed: {warned}")
 
 
+def test_module_results_leave_durations_out() -> None:
+    """A module's result is compared without its duration, in each of regrtest's formats."""
+    output = "\n".join(
+        f"0:01:03 load avg: 19.24 [{i}/6] test_x{i} {result}"
+        for i, result in enumerate(
+            [
+                "passed (350 ms)",
+                "passed (39.2 sec) -- running (1): test_y (30.0 sec)",
+                "passed (1 min)",
+                "failed (env changed) (1 min 3 sec)",
+                "passed (1 hour 2 min)",
+                "failed (2 errors, 1 failure)",
+            ]
+        )
+    )
+    assert regrtest.read_modules(output) == {
+        "test_x0": "passed",
+        "test_x1": "passed",
+        "test_x2": "passed",
+        "test_x3": "failed (env changed)",
+        "test_x4": "passed",
+        "test_x5": "failed (2 errors, 1 failure)",
+    }
+
+
 def test_a_difference_is_caught(tmp_path: Path) -> None:
     """A test that fails or skips only where tokguard is imported is a difference, rerun or not."""
     python = next(filter(None, map(regrtest.find_python, reversed(regrtest.VERSIONS))), None)

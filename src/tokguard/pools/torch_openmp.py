@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from .. import _sites, _threads
+from .. import _instrument, _sites, _threads
 from . import UNRECORDED, Pool, block_restores, torch_dir, wraps
 
 TYPE_CHECKING = False
@@ -34,8 +34,15 @@ THREADS_MESSAGE = (
     "cold (tokguard.single_threaded() around the warm-up) or start workers with spawn."
 )
 
-_restores: list[Callable[[], None]] = []  # put back what instrument replaced
+_restores: dict[str, Callable[[], None]] = {}  # attribute -> put back what instrument replaced
+_scripted: list[Any] = []  # wrappers entered in TorchScript's table of builtins
+MODULE_CALL = "_call_impl"
+DYNAMO = "torch._dynamo"  # torch.compile's tracer
 _NOT_SEEN = "not recorded (tokguard sees nn.Module calls and matmuls; another tensor op started it)"
+
+
+def _never() -> bool:
+    return False
 
 
 def _torch_threads() -> int:
@@ -67,28 +74,47 @@ class TorchOpenMP(Pool):
 
         ``nn.Module`` calls, ``torch.matmul``/``mm``/``bmm``/``einsum`` and the ``@`` operator
         are seen. The wrappers remove themselves at the first multi-threaded call; where torch
-        always runs at one thread (``OMP_NUM_THREADS=1``) they stay, at about 0.35 us per call.
+        always runs at one thread (``OMP_NUM_THREADS=1``) they stay, under a microsecond a call.
+
+        The compilers must not notice them. TorchScript looks ``torch.matmul`` up in its table
+        of builtins, filled while torch was imported, before the wrapper existed: each wrapper
+        is entered there under its op's name, as torch does for its own ``torch.manual_seed``
+        wrapper. torch.compile's tracer (``DYNAMO``; transformers' model classes import it)
+        lists torch's functions and ``nn.Module._call_impl`` by identity once, at its import:
+        a function wrapper listed there would go into its graphs as a function it cannot
+        cache, and an original put back later would break its graphs. So the function wrappers
+        go just before that import, and the module-call wrapper then stays for good: the tracer
+        skips straight to ``forward`` only while ``_call_impl`` is the one it listed. Where it
+        was imported before torch was instrumented, nothing is wrapped.
         """
         module_cls = module.nn.Module
-        if _restores or self.first_use is not None:
+        if _restores or self.first_use is not None or DYNAMO in sys.modules:
             return
         get_num_threads = module.get_num_threads
+        is_compiling = getattr(getattr(module, "compiler", None), "is_compiling", _never)
 
         def watch(original: Any) -> Any:
             @wraps(original)
             def wrapper(*args: Any, **kwargs: Any) -> Any:
-                if POOL.first_use is None and get_num_threads() > 1:
+                # is_compiling() first: the tracer must read nothing else here (torch's
+                # thread count breaks its graph, a first use recorded later recompiles it).
+                if not is_compiling() and POOL.first_use is None and get_num_threads() > 1:
                     _record_first_use()
                 return original(*args, **kwargs)
 
             return wrapper
 
-        if hasattr(module_cls, "_call_impl"):
-            _replace(module_cls, "_call_impl", watch)
+        if hasattr(module_cls, MODULE_CALL):
+            _replace(module_cls, MODULE_CALL, watch)
+        register = getattr(getattr(module.jit, "_builtins", None), "_register_builtin", None)
         for name in TENSOR_ENTRY_POINTS:
-            _replace(module, name, watch)
+            wrapper = _replace(module, name, watch)
+            if wrapper is not None and register is not None:
+                register(wrapper, f"aten::{name}")
+                _scripted.append(wrapper)  # for good: the table holds ids, which others could reuse
         for name in TENSOR_METHODS:
             _replace(module.Tensor, name, watch)
+        _instrument.before_import(DYNAMO, _put_back_functions)
 
     def detect(self, census: _threads.Census | None) -> Hazard | None:
         saved = block_restores(self)[1]
@@ -175,19 +201,33 @@ POOL = TorchOpenMP()
 
 
 def _record_first_use() -> None:
-    """The first multi-threaded call: name it, then put every original back."""
+    """The first multi-threaded call: name it, then put every original back.
+
+    Except the module-call wrapper once torch.compile's tracer is imported: it keeps the
+    ``_call_impl`` it found, to skip straight to ``forward`` while that is still in place.
+    """
     POOL.first_use = _sites.user_site(_sites.POOL_LIBRARIES, depth=2) or UNRECORDED
-    while _restores:
-        _restores.pop()()
+    for name in list(_restores):
+        if name != MODULE_CALL or DYNAMO not in sys.modules:
+            _restores.pop(name)()
 
 
-def _replace(owner: Any, name: str, make: Callable[[Any], Any]) -> None:
+def _put_back_functions() -> None:
+    """Before torch.compile's tracer is imported: every original but the module call's."""
+    for name in list(_restores):
+        if name != MODULE_CALL:
+            _restores.pop(name)()
+
+
+def _replace(owner: Any, name: str, make: Callable[[Any], Any]) -> Any:
+    """Put ``make(original)`` in place of ``owner.name``; return it (None: no such attribute)."""
     original = getattr(owner, name, None)
     if original is None:
-        return
+        return None
     # Tensor.__matmul__ is inherited from the C base class: restore by deleting ours.
     own = name in vars(owner)
-    setattr(owner, name, make(original))
+    wrapper = make(original)
+    setattr(owner, name, wrapper)
 
     def restore() -> None:
         if own:
@@ -195,4 +235,5 @@ def _replace(owner: Any, name: str, make: Callable[[Any], Any]) -> None:
         else:
             delattr(owner, name)
 
-    _restores.append(restore)
+    _restores[name] = restore
+    return wrapper
