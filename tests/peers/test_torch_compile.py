@@ -215,6 +215,7 @@ def _silent(result: Result, got: dict[str, Any]) -> None:
         assert noise not in result.stderr, result.stderr
 
 
+@pytest.mark.timeout(600)  # three interpreters of about 7 CPU-s each, on a shared 2-core machine
 @pytest.mark.parametrize("threads", [1, 2])
 def test_torchscript_and_dynamo_see_the_same_program(tmp_path: Path, threads: int) -> None:
     """TorchScript, dynamo's graphs, breaks and recompiles, outputs: as without tokguard, silent."""

@@ -136,13 +136,16 @@ def batch_sampler_collate():
 
 
 def worker_exception():
-    got = []
-    try:
-        for batch in DataLoader(Broken(), batch_size=1, num_workers=2):
-            got.append(int(batch[0][0]))
-    except ValueError as exc:
-        return {"before": got, "error": "ValueError", "message": "item 5 is broken" in str(exc)}
-    return {"before": got, "error": None}
+    # Re-raised in the loop, which goes on after it, as torch's own tests check.
+    got, errors = [], []
+    iterator = iter(DataLoader(Broken(), batch_size=1, num_workers=2))
+    while True:
+        try:
+            got.append(int(next(iterator)[0][0]))
+        except StopIteration:
+            return {"items": got, "errors": errors}
+        except ValueError as exc:
+            errors.append("item 5 is broken" in str(exc))
 
 
 def timeout():
@@ -306,6 +309,7 @@ def _sections(stderr: str) -> dict[str, str]:
     return found
 
 
+@pytest.mark.timeout(600)  # two interpreters of about 10 CPU-s each, on a shared 2-core machine
 def test_dataloader_in_raise_mode_is_silent_where_safe_and_refuses_the_unsafe_fork(
     tmp_path: Path,
 ) -> None:
@@ -316,7 +320,7 @@ def test_dataloader_in_raise_mode_is_silent_where_safe_and_refuses_the_unsafe_fo
     for name in SAFE:
         assert not str(bare[name]["result"]).startswith("failed"), f"{name}\n{bare_result}"
     # The paths really ran: a worker's error, a timeout, the shards, the same workers again.
-    assert bare["cold_worker_exception"]["result"]["error"] == "ValueError", str(bare_result)
+    assert bare["cold_worker_exception"]["result"]["errors"] == [True], str(bare_result)
     assert "timed out after 0.3 seconds" in bare["cold_timeout"]["result"], str(bare_result)
     assert bare["warm_persistent"]["result"]["same_workers"] is True, str(bare_result)
     assert len(bare["warm_iterable_sharded"]["result"]) == 20, str(bare_result)
