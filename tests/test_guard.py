@@ -766,3 +766,25 @@ def test_fork_site_without_user_frame_names_library_and_command(tmp_path: Path) 
     assert (
         "saw an unsafe fork at no line of your own code (fakelib forked, in `python -m fakelib"
     ) in result.stderr, result.stderr
+
+
+def test_fork_at_interpreter_shutdown_ends_as_without_tokguard() -> None:
+    """A fork from a __del__ at shutdown ends as it does bare: no error of tokguard's own."""
+    code = """
+    class AtFinalization:
+        def __del__(self):
+            print("DEL", flush=True)
+            pid = os.fork()  # 3.12+ refuse it: "can't fork at interpreter shutdown"
+            if pid == 0:
+                os._exit(0)
+            os.waitpid(pid, 0)
+            print("FORKED", flush=True)
+    at_finalization = AtFinalization()
+    """
+    bare, guarded = (run_py(code, guard=guard, timeout=60) for guard in (False, True))
+    assert "DEL" in bare.stdout, str(bare)
+    assert guarded.stdout == bare.stdout, f"bare:\n{bare}\nguarded:\n{guarded}"
+    assert guarded.stderr.strip().splitlines()[-1:] == bare.stderr.strip().splitlines()[-1:], (
+        f"bare:\n{bare}\nguarded:\n{guarded}"
+    )
+    assert "ImportError" not in guarded.stderr, str(guarded)

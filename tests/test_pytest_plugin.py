@@ -843,6 +843,23 @@ def test_inner_forked_session_gives_the_settings_back(
 # --- import cost ----------------------------------------------------------------------------
 
 
+def test_imported_before_pytest_no_rewrite_warning(inner: pytest.Pytester) -> None:
+    """tokguard imported before pytest starts (``import tokguard`` first, ``tokguard run --
+    pytest``): pytest does not warn that it cannot rewrite its asserts, not even under -W error."""
+    inner.makepyfile(test_one="def test_one():\n    pass\n")
+    argv = ["-p", "no:cacheprovider", "-W", "error", "test_one.py"]
+    result = inner.run(
+        sys.executable,
+        "-c",
+        f"import tokguard, sys, pytest\nsys.exit(pytest.main({argv!r}))",
+        timeout=RUN_TIMEOUT,
+    )
+    output = result.stdout.str() + result.stderr.str()
+    assert result.ret == 0, output
+    assert "PytestAssertRewriteWarning" not in output
+    result.stdout.fnmatch_lines(["*1 passed*"])
+
+
 def test_plugin_import_is_light(inner: pytest.Pytester) -> None:
     """Importing the plugin after pytest brings in no heavy module (torch, tokenizers, wrapt,
     logging), nor its own pytest-forked part."""

@@ -13,6 +13,11 @@ import side effect (documented in docs/how-it-works.md):
 
 It imports nothing heavy: the import budget is a few milliseconds, because the pytest
 plugin loads this package in every test session of every project that installs it.
+
+PYTEST_DONT_REWRITE: pytest rewrites the asserts of a plugin's package, and warns that it
+cannot when the package was imported before pytest started ("Module already imported so
+cannot be rewritten; tokguard", an error under ``-W error``), as it is in a program that
+imports tokguard first and then runs pytest, or under ``tokguard run -- pytest``.
 """
 
 import os

@@ -114,8 +114,13 @@ def judged_by_wrapper(ident: int, default: object = None) -> object:
 
 
 def _internal_error(where: str, exc: BaseException) -> None:
-    from ._report import internal_error
-
+    try:
+        from ._report import internal_error
+    except Exception:
+        # A fork at interpreter shutdown (a __del__ that forks): nothing can be imported any
+        # more, and the fork must still reach the interpreter, which refuses it with its own
+        # error on 3.12+ ("can't fork at interpreter shutdown") and lets it happen on 3.11.
+        return
     internal_error(where, exc)
 
 

@@ -51,11 +51,11 @@ CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tokg
 # environment (pytest-xdist: the "testing" extra, filelock; pytest-forked: nothing).
 TEST_DEPENDENCIES = {"pytest-xdist": ["filelock"], "pytest-forked": []}
 DOWNLOAD_TIMEOUT = 600  # s; pip builds the sdist's metadata, once per version
-RUN_TIMEOUT = 1200  # s for one whole suite; measured 170-350 s for pytest-xdist's on 2 cores
+RUN_TIMEOUT = 1500  # s for one whole suite; pytest-xdist's took 255-575 s on 2 busy cores
 RERUN_TIMEOUT = 300  # s for one test run again alone
 WITH, WITHOUT = "with", "without"  # tokguard installed, or not
 # pytest-forked 1.7.5 on pytest 9.2 cannot marshal a test report in the forked child (see
-# FORKED_REPORTS); the child then exits with this status instead of sending its reports.
+# the pytest-forked test below); the child then exits with this status instead.
 FORKED_EXIT_3 = "running the test EXITED with status 3"
 # Checked in the environment without tokguard: pytest-forked's own serialisation of a
 # report, through marshal, as its forked child sends it.
@@ -365,17 +365,13 @@ def compare(peer: Peer) -> dict[str, list[Outcome]]:
     again = peer.run(*first, timeout=RERUN_TIMEOUT)
     different = {}
     for nodeid in first:
-        outcomes_ = [
-            with_[nodeid],
-            without[nodeid],
-            *(again[m][1][nodeid] for m in (WITH, WITHOUT)),
-        ]
-        if outcomes_[2].outcome == outcomes_[3].outcome:
-            print(
-                f"  flaky: {nodeid}: {outcomes_[0].outcome} with, {outcomes_[1].outcome} without, then both {outcomes_[2].outcome}"
-            )
+        runs = [with_[nodeid], without[nodeid]]
+        runs += [again[mode][1].get(nodeid, Outcome("not run", "")) for mode in (WITH, WITHOUT)]
+        if runs[2].outcome == runs[3].outcome:
+            print(f"  flaky: {nodeid}: {runs[0].outcome} with tokguard, {runs[1].outcome}")
+            print(f"    without; run again alone, {runs[2].outcome} in both")
         else:
-            different[nodeid] = outcomes_
+            different[nodeid] = runs
     return different
 
 
