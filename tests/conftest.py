@@ -19,7 +19,7 @@ import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -157,6 +157,19 @@ def run_py(
     finally:
         _kill_group(proc.pid)
     return Result(proc.returncode, out, err)
+
+
+def run_py_timed(name: str, code: str, **kwargs: Any) -> Result:
+    """``run_py``, printing its wall and CPU seconds (peers report their cost with ``-rP``)."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.monotonic()
+    result = run_py(code, **kwargs)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    print(f"{name}: {time.monotonic() - start:.1f} s wall, {cpu:.1f} CPU-s")
+    return result
 
 
 def children(pid: int) -> list[int]:

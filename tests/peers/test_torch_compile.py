@@ -30,14 +30,12 @@ holding a tokguard function would not be cached), no report, no refusal.
 from __future__ import annotations
 
 import json
-import resource
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import Result, needs, run_py, values
+from conftest import Result, needs, run_py_timed, values
 
 pytestmark = [pytest.mark.torch, pytest.mark.slow]
 
@@ -198,13 +196,10 @@ def _run(
     }
     if mode is not None:
         env["TOKGUARD_MODE"] = mode
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.monotonic()
     # From a file: TorchScript compiles from source.
-    result = run_py(SCRIPT, env=env, guard=guard, timeout=400, path=tmp_path / f"{name}.py")
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-    print(f"{name}: {time.monotonic() - start:.1f} s wall, {cpu:.1f} CPU-s")
+    result = run_py_timed(
+        name, SCRIPT, env=env, guard=guard, timeout=400, path=tmp_path / f"{name}.py"
+    )
     assert result.returncode == 0, str(result)
     return result, {k: json.loads(v) for k, v in values(result).items()}
 

@@ -22,13 +22,11 @@ watchdog), ``raise`` refuses the fork with ``UnsafeForkError``, ``warn`` repairs
 from __future__ import annotations
 
 import json
-import resource
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import Result, run_py, values, watch_result
+from conftest import Result, run_py_timed, values, watch_result
 
 pytestmark = [pytest.mark.torch, pytest.mark.slow]
 
@@ -282,12 +280,9 @@ def _run(tmp_path: Path, name: str, guard: bool, mode: str | None, parts: str) -
     env = {"PARTS": parts, "TOKENIZERS_PARALLELISM": "true"}
     if mode is not None:
         env["TOKGUARD_MODE"] = mode
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.monotonic()
-    result = run_py(SCRIPT, env=env, guard=guard, timeout=240, path=tmp_path / f"{name}.py")
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-    print(f"{name}: {time.monotonic() - start:.1f} s wall, {cpu:.1f} CPU-s")
+    result = run_py_timed(
+        name, SCRIPT, env=env, guard=guard, timeout=240, path=tmp_path / f"{name}.py"
+    )
     assert result.returncode == 0, str(result)
     return result
 
