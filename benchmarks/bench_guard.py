@@ -9,7 +9,7 @@ wrapper keeps as ``__wrapped__``. Measurements of a pair are interleaved, so loa
 processes on the machine hits both sides alike; medians are reported.
 
 Targets: ``import tokguard`` at most 3 ms (timed in-process, bytecode cached); a fork with
-nothing active at most 10 us dearer in mode warn than in mode off (the same process, blocks
+nothing active at most 10 us dearer in mode warn than in mode off (the same process, forks
 alternated); the before-fork judgement at most 10 us with nothing active and 30 us with torch
 imported and idle; at most +3 % on a short ``encode``, +2 % on a padded one (three words, length 16), and
 +1 % on an ``encode_batch`` of 64 texts.
@@ -131,60 +131,62 @@ def import_self_time() -> float:
 # --- fork cost (workers) --------------------------------------------------------------------
 
 
-def _fork_block(forks: int) -> tuple[float, float]:
-    """(median us of fork()+waitpid() of an empty child, page faults per fork, both sides)."""
+def _faults() -> int:
+    """Minor page faults so far, this process and its waited-for children."""
     import resource
 
-    def faults() -> int:
-        return sum(
-            resource.getrusage(who).ru_minflt
-            for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-        )
-
-    times = []
-    before = faults()
-    for _ in range(forks):
-        start = time.perf_counter()
-        pid = os.fork()
-        if pid == 0:
-            os._exit(0)
-        os.waitpid(pid, 0)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6, (faults() - before) / forks
+    return sum(
+        resource.getrusage(who).ru_minflt
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+    )
 
 
-def worker_fork(guard: bool, torch_idle: bool, forks: int) -> None:
-    """Per-fork figures of an empty child, bare or guarded; guarded, modes off and warn alternated.
+def _one_fork() -> tuple[float, int]:
+    """(seconds of fork()+waitpid() of an empty child, page faults of parent and child)."""
+    before = _faults()
+    start = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    elapsed = time.perf_counter() - start
+    return elapsed, _faults() - before
 
-    The guarded process alternates blocks of 100 forks in mode off and warn: the difference is
-    what judging a fork costs, with the machine's drift hitting both alike. Page faults are
-    counted too: a fork's cost is mostly the pages written after it (copied), and unlike
-    times their count does not depend on what else the machine is doing.
+
+def worker_fork(modes: tuple[str, ...], torch_idle: bool, forks: int) -> None:
+    """Per-fork figures of an empty child in each of ``modes`` ("bare": no tokguard at all).
+
+    Two guarded modes alternate fork by fork: the median of the differences of neighbouring
+    forks is what the second adds, with the machine's drift hitting both alike (blocks of 100
+    forks a mode swung by +-50 us from run to run). A single mode is set once, so that the
+    process compares with a bare one without ``configure`` calls between its forks. Page faults
+    are counted too: a fork's cost is mostly the pages written around it (each is copied, or
+    at least faulted in again), and unlike times their count does not depend on the machine's
+    load.
     """
+    guard = modes != ("bare",)
     if guard:
         import tokguard
+
+        tokguard.configure(modes[0])
     if torch_idle:
         import torch  # noqa: F401
-    _fork_block(20)  # the first forks pay for imports and first-time allocations
-    blocks = max(1, forks // 100)
-    result: dict[str, float] = {}
-    if not guard:
-        measured = [_fork_block(100) for _ in range(blocks)]
-        result["fork_us"] = statistics.median(m[0] for m in measured)
-        result["faults"] = statistics.median(m[1] for m in measured)
-    else:
-        by_mode: dict[str, list[tuple[float, float]]] = {"off": [], "warn": []}
-        for _ in range(blocks):
-            for mode, acc in by_mode.items():
+    measured: dict[str, list[tuple[float, int]]] = {mode: [] for mode in modes}
+    for i in range(forks + 20):
+        for mode in modes if i % 2 else modes[::-1]:
+            if len(modes) > 1:
                 tokguard.configure(mode)
-                acc.append(_fork_block(100))
-        for mode, measured in by_mode.items():
-            result[f"{mode}_us"] = statistics.median(m[0] for m in measured)
-            result[f"{mode}_faults"] = statistics.median(m[1] for m in measured)
-        result["judged_us"] = statistics.median(
-            w[0] - o[0] for w, o in zip(by_mode["warn"], by_mode["off"], strict=True)
-        )
-        result["fork_us"] = result["warn_us"]
+            one = _one_fork()
+            if i >= 20:  # the first forks pay for imports and first-time allocations
+                measured[mode].append(one)
+    result: dict[str, float] = {}
+    for mode, values in measured.items():
+        result[f"{mode}_us"] = statistics.median(v[0] for v in values) * 1e6
+        result[f"{mode}_faults"] = statistics.mean(v[1] for v in values)
+    if len(modes) == 2:
+        pairs = zip(measured[modes[1]], measured[modes[0]], strict=True)
+        result["added_us"] = statistics.median(b[0] - a[0] for b, a in pairs) * 1e6
+    if guard:
         from tokguard import _fork, pools
 
         judge, assess = [], []
@@ -200,41 +202,57 @@ def worker_fork(guard: bool, torch_idle: bool, forks: int) -> None:
     print(json.dumps(result))
 
 
-def bench_fork(forks: int) -> None:
+def bench_fork(forks: int, baseline: str | None, rounds: int) -> None:
     for torch_idle in (False, True):
         if torch_idle and importlib.util.find_spec("torch") is None:
             add_plain("fork with torch imported", "skipped: torch not installed")
             continue
-        bare = run_worker(["--worker", "fork", "--forks", str(forks)] + (["--torch"] * torch_idle))
-        guarded = run_worker(
-            ["--worker", "fork", "--guard", "--forks", str(forks)] + (["--torch"] * torch_idle)
-        )
         label = "torch imported, idle" if torch_idle else "nothing active"
-        add(
-            f"os.fork()+waitpid, {label} (separate processes)",
-            bare["fork_us"],
-            guarded["fork_us"],
-            "us",
-            f"+{guarded['fork_us'] - bare['fork_us']:.1f} us per fork",
-        )
-        add(
-            f"  same process, mode off (base) vs warn, blocks of 100 alternated, {label}",
-            guarded["off_us"],
-            guarded["warn_us"],
-            "us",
-            f"judging: {guarded['judged_us']:+.1f} us per fork"
-            + ("" if torch_idle else " (target <= 10 us)"),
-        )
-        add_plain(
-            f"  page faults per fork, parent + child: bare / off / warn, {label}",
-            f"{bare['faults']:.1f} / {guarded['off_faults']:.1f} / {guarded['warn_faults']:.1f}",
-            "a page written after a fork is copied",
-        )
-        add_plain(
-            f"  judgement alone (pools.assess / _fork._judge), {label}",
-            f"{guarded['assess_us']:.2f} / {guarded['judge_us']:.2f} us",
-            f"target <= {30 if torch_idle else 10} us",
-        )
+        trees = {"now": None, "baseline": baseline} if baseline else {"now": None}
+        runs: dict[tuple[str, str], list[dict[str, float]]] = {}
+        for _ in range(rounds):  # processes in turn, so that drift hits each alike
+            for tree, src in [("bare", None), *trees.items()]:
+                for modes in ["bare"] if tree == "bare" else ["warn", "off,warn"]:
+                    args = ["--worker", "fork", "--modes", modes, "--forks", str(forks)]
+                    env = {**ENV, "PYTHONPATH": src} if src else ENV
+                    out = python(__file__, *args, *(["--torch"] * torch_idle), env=env, timeout=600)
+                    result = dict(json.loads(out.stdout.strip().splitlines()[-1]))
+                    runs.setdefault((tree, modes), []).append(result)
+
+        def med(tree: str, modes: str, key: str, runs: dict = runs) -> float:  # type: ignore[type-arg]
+            return statistics.median(r[key] for r in runs[(tree, modes)])
+
+        bare_us, bare_faults = med("bare", "bare", "bare_us"), med("bare", "bare", "bare_faults")
+        for tree in trees:
+            name = "" if tree == "now" else " (baseline tree)"
+            warn_us = med(tree, "warn", "warn_us")
+            add(
+                f"os.fork()+waitpid, {label}{name}: without tokguard vs mode warn "
+                f"(processes in turn, median of {rounds})",
+                bare_us,
+                warn_us,
+                "us",
+                f"{warn_us - bare_us:+.1f} us per fork (drift between processes: see the next row)",
+            )
+            add(
+                f"  same process, mode off (base) vs warn, alternated fork by fork{name}",
+                med(tree, "off,warn", "off_us"),
+                med(tree, "off,warn", "warn_us"),
+                "us",
+                f"judging: {med(tree, 'off,warn', 'added_us'):+.1f} us per fork"
+                + ("" if torch_idle else " (target <= 10 us)"),
+            )
+            add_plain(
+                f"  page faults per fork, parent + child: without / off / warn{name}",
+                f"{bare_faults:.1f} / {med(tree, 'off,warn', 'off_faults'):.1f} / "
+                f"{med(tree, 'warn', 'warn_faults'):.1f}",
+                "each page written around a fork is faulted in again",
+            )
+            add_plain(
+                f"  judgement alone (pools.assess / _fork._judge), {label}{name}",
+                f"{med(tree, 'warn', 'assess_us'):.2f} / {med(tree, 'warn', 'judge_us'):.2f} us",
+                f"target <= {30 if torch_idle else 10} us",
+            )
 
 
 # --- tokenizers wrappers (worker) -----------------------------------------------------------
@@ -324,12 +342,12 @@ def main() -> None:
         help="the src folder of another tokguard checkout: its import is timed alongside",
     )
     parser.add_argument("--worker", choices=["fork", "tokenizers"], help=argparse.SUPPRESS)
-    parser.add_argument("--guard", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--modes", default="bare", help=argparse.SUPPRESS)
     parser.add_argument("--torch", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--forks", type=int, default=400, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker == "fork":
-        worker_fork(args.guard, args.torch, args.forks)
+        worker_fork(tuple(args.modes.split(",")), args.torch, args.forks)
         return
     if args.worker == "tokenizers":
         worker_tokenizers(args.quick)
@@ -338,7 +356,7 @@ def main() -> None:
     bench_import(10 if args.quick else 40)
     bench_import_in_process(20 if args.quick else 60, args.baseline)
     add_plain("  tokguard's own import time (-X importtime)", f"{import_self_time():.2f} ms")
-    bench_fork(100 if args.quick else 400)
+    bench_fork(200 if args.quick else 1000, args.baseline, 1 if args.quick else 3)
     bench_tokenizers(args.quick)
 
     headers = ("measurement", "without tokguard", "with tokguard", "ratio", "note")

@@ -31,7 +31,9 @@ print("PARENT_DONE")
 FORK_LINE = line_of(SCRIPT, "# FORK")
 
 
-def _stderr(tmp_path: Path, guard: bool, *options: str) -> tuple[int, str, str]:
+def _stderr(
+    tmp_path: Path, guard: bool, *options: str, mode: str = "warn"
+) -> tuple[int, str, str]:
     """Run the script in a fresh interpreter with a clean environment (no PYTHONWARNINGS)."""
     script = tmp_path / "forker.py"
     script.write_text(SCRIPT)
@@ -41,7 +43,7 @@ def _stderr(tmp_path: Path, guard: bool, *options: str) -> tuple[int, str, str]:
         capture_output=True,
         text=True,
         timeout=60,
-        env={"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1"},
+        env={"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1", "TOKGUARD_MODE": mode},
     )
     return proc.returncode, proc.stdout, proc.stderr
 
@@ -54,9 +56,11 @@ def interpreter_warns(tmp_path: Path) -> None:
 
 
 @pytest.mark.usefixtures("interpreter_warns")
-def test_warning_names_the_line_that_forked(tmp_path: Path) -> None:
-    """With tokguard imported, the warning names the script's fork line, as without it."""
-    rc, out, err = _stderr(tmp_path, True, "-W", "always::DeprecationWarning")
+@pytest.mark.parametrize("mode", ["warn", "off"])
+def test_warning_names_the_line_that_forked(tmp_path: Path, mode: str) -> None:
+    """With tokguard imported, the warning names the script's fork line, as without it; also
+    in mode off, whose forks take the wrapper's quick path."""
+    rc, out, err = _stderr(tmp_path, True, "-W", "always::DeprecationWarning", mode=mode)
     assert rc == 0, err
     assert "PARENT_DONE" in out
     assert f"forker.py:{FORK_LINE}: DeprecationWarning" in err, err

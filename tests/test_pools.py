@@ -201,6 +201,102 @@ def test_census_counts_threads_from_one_stat_and_checks_that_first() -> None:
     assert got["FALLBACK"] == "(2, False)"
 
 
+def test_alone_answers_from_the_held_task_directory_and_never_misreads_it() -> None:
+    """``alone()`` (the quick check before a fork) agrees with the census as threads come
+    and go; a forked child does not trust its parent's descriptor, closes it at its first
+    census and holds its own; a descriptor someone else closed and whose number now names
+    their file is given up, never closed, and replaced at the next census."""
+    code = """
+    import _thread, os, subprocess, sys, time
+    from tokguard import _threads
+    print("BEFORE=%s" % _threads.alone())  # nothing held before the first census
+    _threads.census()
+    print("ALONE=%s" % _threads.alone())
+    stop = _thread.allocate_lock(); stop.acquire()
+    _thread.start_new_thread(stop.acquire, ())
+    time.sleep(0.2)
+    print("THREAD=%s" % _threads.alone())
+    stop.release(); time.sleep(0.2)
+    print("AFTER=%s" % _threads.alone())
+    held = _threads._held[1]
+    probe = "import os, sys; os.fstat(int(sys.argv[1]))"
+    exec_child = subprocess.run([sys.executable, "-c", probe, str(held)], capture_output=True)
+    print("EXEC_CHILD_HAS_IT=%s" % (exec_child.returncode == 0))
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        first = _threads.alone()
+        fds = len(os.listdir("/proc/self/fd"))
+        _threads.census()
+        # The parent's descriptor closed, this process's own opened (often the same number).
+        same_count = len(os.listdir("/proc/self/fd")) == fds
+        own = os.readlink("/proc/self/fd/%d" % _threads._held[1]) == "/proc/%d/task" % os.getpid()
+        line = "%s %s %s" % (first, same_count and own, _threads.alone())
+        os.write(w, line.encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    os.close(w)
+    print("CHILD=%s" % os.read(r, 100).decode())
+    os.close(held)
+    import tempfile
+    theirs_dir = tempfile.mkdtemp()
+    os.mkdir(os.path.join(theirs_dir, "sub"))  # a link count of 3, as a lone thread's
+    theirs = os.open(theirs_dir, os.O_RDONLY)
+    print("REUSED=%s" % (theirs == held))
+    print("THEIRS=%s" % _threads.alone())
+    _threads.census()
+    os.fstat(theirs)  # still open: never closed by tokguard
+    print("NEW=%s" % ((_threads._held[1] not in (-1, theirs), _threads.alone()),))
+    """
+    result = run_py(code, guard=True)
+    assert result.returncode == 0, str(result)
+    got = values(result)
+    assert got["BEFORE"] == "False"
+    assert got["ALONE"] == "True"
+    assert got["THREAD"] == "False"
+    assert got["AFTER"] == "True"
+    assert got["EXEC_CHILD_HAS_IT"] == "False"
+    assert got["CHILD"] == "False True True"
+    assert got["REUSED"] == "True"
+    assert got["THEIRS"] == "False"
+    assert got["NEW"] == "(True, True)"
+
+
+def test_a_pool_asked_when_alone_is_asked_at_every_fork() -> None:
+    """The quick path is for forks that need nothing: a pool whose evidence is not threads
+    (any pool registered without ``found_by_threads``) is asked even when the caller is the
+    only thread, at every fork, and a quick fork's child is still counted."""
+    code = """
+    import os, warnings
+    import tokguard
+    from tokguard import _fork, pools
+    for _ in range(3):  # the first fork binds the quick check; later ones may take it
+        pid = os.fork()
+        if pid == 0:
+            os._exit(_fork.generation)
+        print("GENERATION=%s" % os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+    class Always(pools.Pool):
+        id = title = "always"
+        def detect(self, census):
+            return self.hazard("always")
+    pools.register(Always())
+    seen = []
+    tokguard.subscribe(seen.append)
+    for _ in range(3):
+        with warnings.catch_warnings(record=True):
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+            os.waitpid(pid, 0)
+    print("REPORTS=%s" % len(seen))
+    """
+    result = run_py(code, guard=True)
+    assert result.returncode == 0, str(result)
+    got = values(result)
+    assert got["GENERATION"] == "1"
+    assert got["REPORTS"] == "3"
+
+
 def test_a_registered_pool_with_a_setting_is_kept_cold() -> None:
     """single_threaded() holds every pool that has a setting (its own module says how):
     saved at the first block, cooled again by a nested block if raised meanwhile, put back

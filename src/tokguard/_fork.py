@@ -68,6 +68,20 @@ _child_before_repairs: "tuple[Callable[[], None], ...]" = ()
 _child_after_repairs: "tuple[Callable[[], None], ...]" = ()
 _parent_hooks: "tuple[Callable[[], None], ...]" = ()
 
+# The common fork is one the wrapper finds nothing to do for: nothing joined the hooks, no
+# earlier fork left anything to undo, and either the mode is off or the caller is the
+# process's only thread and no loaded pool has evidence other than threads. The wrapper tells
+# that from a few globals and one ``fstat`` and sets ``_quiet``; each hook returns on reading
+# it. A fork runs cold (caches and TLB emptied, every page written faulted in again), so
+# each object touched costs far more than in a loop: judging and hooking a fork this way
+# cost 36 to 56 us where it now costs about 5 to 15 (docs/benchmarks.md).
+_idle = True
+"""Nothing joined the hooks and this process was not born of an unsafe fork."""
+_quiet = False
+"""True while the wrapper makes a fork it found nothing to do for."""
+_alone: "Callable[[], bool] | None" = None
+"""``_threads.alone``, bound at the first judged fork (``_threads`` loads with it)."""
+
 _handoff: "dict[int, _report.ForkReport | None]" = {}  # thread -> judged by the os.fork wrapper
 _plans: "dict[int, Sequence[Hazard]]" = {}  # thread -> hazards the child must repair
 note_providers: "list[Callable[[], list[str]]]" = []
@@ -99,6 +113,15 @@ def _flatten() -> None:
     _child_before_repairs = tuple(h for s in STAGES[:middle] for h in _stage_hooks[s][0])
     _child_after_repairs = tuple(h for s in STAGES[middle + 1 :] for h in _stage_hooks[s][0])
     _parent_hooks = tuple(h for s in STAGES for h in _stage_hooks[s][1])
+    _update_idle()
+
+
+def _update_idle() -> None:
+    global _idle
+    _idle = (
+        not (_child_before_repairs or _child_after_repairs or _parent_hooks or repaired)
+        and not unsafe_at_fork
+    )
 
 
 _flatten()  # after an importlib.reload too: _stage_hooks was kept, these were not
@@ -165,37 +188,59 @@ def _make_report(
 
 def _guard(real: "Callable[[], Any]") -> "Callable[[], Any]":
     def fork() -> "Any":
-        ident = _thread.get_ident()
-        alone = False
-        if _config.mode != "off":
+        global _quiet
+        if _idle and (
+            _config.mode == "off"
+            or (_alone is not None and not pools.asked_when_alone and _alone())
+        ):
+            _quiet = True
             try:
-                hazards, census = pools.assess()
-                # The caller is the only thread: no pool's workers and no other thread exist.
-                alone = census is not None and census.os_threads == 1
-                report = _make_report(hazards, census, True, 1) if hazards else None
-            except Exception as exc:  # never let a tokguard bug stop a fork
-                _internal_error("judging a fork", exc)
-                report = None
-            if report is not None:
-                from . import _report
-
-                _report.publish(report)  # may raise under -W error: then no child exists
-                if report.refused:
-                    raise _report.UnsafeForkError(report.message, report)
-            _handoff[ident] = report
-        try:
-            # The interpreter warns only where another thread exists: none does when alone.
-            if _ATTRIBUTE_FORK_WARNING and not alone:
-                return _as_caller(sys._getframe(1))(real)
-            return real()
-        finally:
-            _handoff.pop(ident, None)
+                if _ATTRIBUTE_FORK_WARNING and _config.mode == "off":
+                    return _as_caller(sys._getframe(1))(real)  # other threads may exist
+                return real()  # alone: no multi-threaded warning to attribute on 3.12+
+            finally:
+                _quiet = False
+        return _judged_fork(real)
 
     fork.__name__ = real.__name__
     fork.__qualname__ = real.__name__
     fork.__doc__ = real.__doc__
     fork.__tokguard_original__ = real  # type: ignore[attr-defined]
     return fork
+
+
+def _judged_fork(real: "Callable[[], Any]") -> "Any":
+    """A fork the quick check could not clear: judge it, refuse or report it, then make it."""
+    global _alone
+    ident = _thread.get_ident()
+    alone = False
+    if _config.mode != "off":
+        try:
+            hazards, census = pools.assess()
+            if _alone is None:
+                from . import _threads  # loaded by the census just taken
+
+                _alone = _threads.alone
+            # The caller is the only thread: no pool's workers and no other thread exist.
+            alone = census is not None and census.os_threads == 1
+            report = _make_report(hazards, census, True, 2) if hazards else None
+        except Exception as exc:  # never let a tokguard bug stop a fork
+            _internal_error("judging a fork", exc)
+            report = None
+        if report is not None:
+            from . import _report
+
+            _report.publish(report)  # may raise under -W error: then no child exists
+            if report.refused:
+                raise _report.UnsafeForkError(report.message, report)
+        _handoff[ident] = report
+    try:
+        # The interpreter warns only where another thread exists: none does when alone.
+        if _ATTRIBUTE_FORK_WARNING and not alone:
+            return _as_caller(sys._getframe(2))(real)
+        return real()
+    finally:
+        _handoff.pop(ident, None)
 
 
 # CPython 3.12+ warns "This process is multi-threaded, use of fork() may lead to deadlocks"
@@ -249,6 +294,8 @@ def _from_subprocess() -> bool:
 
 
 def _before() -> None:
+    if _quiet:
+        return
     try:
         ident = _thread.get_ident()
         if _plans:  # left by a fork that never reached its after-fork hooks
@@ -274,6 +321,8 @@ def _before() -> None:
 
 
 def _after_in_parent() -> None:
+    if _quiet:
+        return
     if _plans:
         _plans.pop(_thread.get_ident(), None)
     for hook in _parent_hooks:
@@ -283,6 +332,8 @@ def _after_in_parent() -> None:
 def _after_in_child() -> None:
     global generation, repaired, unsafe_at_fork
     generation += 1
+    if _quiet:
+        return
     hazards: Sequence[Hazard] = ()
     try:
         ident = _thread.get_ident()
@@ -302,6 +353,7 @@ def _after_in_child() -> None:
         repaired = _repair(hazards)
     for hook in _child_after_repairs:
         _run(hook)
+    _update_idle()
 
 
 def _repair(hazards: "Sequence[Hazard]") -> tuple[str, ...]:

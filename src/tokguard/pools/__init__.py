@@ -113,6 +113,9 @@ class Pool:
 
 ALL: list[Pool] = []
 """Every pool, in the order reports list them."""
+asked_when_alone: tuple[Pool, ...] = ()
+"""The pools of ``ALL`` that a fork whose caller is the only thread still asks (their
+evidence is not threads); where there are none, such a fork needs no judgement at all."""
 _by_id: dict[str, Pool] = {}
 _installed = False
 
@@ -135,6 +138,8 @@ def register(pool: Pool, triggers: tuple[str, ...] | None = None) -> Pool:
     _order.setdefault(pool.id, len(REGISTRY) + len(_order))
     ALL.append(pool)
     ALL.sort(key=lambda p: _order[p.id])
+    global asked_when_alone
+    asked_when_alone = tuple(p for p in ALL if not p.found_by_threads)
     if _installed:
         _instrument_pool(pool)
     return pool
