@@ -73,8 +73,9 @@ _parent_hooks: "tuple[Callable[[], None], ...]" = ()
 # process's only thread and no loaded pool has evidence other than threads. The wrapper tells
 # that from a few globals and one ``fstat`` and sets ``_quiet``; each hook returns on reading
 # it. A fork runs cold (caches and TLB emptied, every page written faulted in again), so
-# each object touched costs far more than in a loop: judging and hooking a fork this way
-# cost 36 to 56 us where it now costs about 5 to 15 (docs/benchmarks.md).
+# each object touched costs far more than in a loop: judging a fork with nothing active
+# cost 84 to 120 us per fork on a 2-core virtual machine before this path, and 17 to 26 us
+# with it, most of that the ``fstat`` (docs/benchmarks.md).
 _idle = True
 """Nothing joined the hooks and this process was not born of an unsafe fork."""
 _quiet = False

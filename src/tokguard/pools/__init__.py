@@ -127,6 +127,7 @@ _present_at_install: frozenset[str] = frozenset()  # triggers imported before to
 def register(pool: Pool, triggers: tuple[str, ...] | None = None) -> Pool:
     """Add a pool (instrumented at once where tokguard is installed); ``triggers``: the
     modules whose import lets it watch its library, where the class does not name them."""
+    global asked_when_alone
     if not pool.id or pool.id in _by_id:
         raise ValueError(
             f"tokguard.pools.register({pool!r}): the id must be new and not empty; "
@@ -138,7 +139,6 @@ def register(pool: Pool, triggers: tuple[str, ...] | None = None) -> Pool:
     _order.setdefault(pool.id, len(REGISTRY) + len(_order))
     ALL.append(pool)
     ALL.sort(key=lambda p: _order[p.id])
-    global asked_when_alone
     asked_when_alone = tuple(p for p in ALL if not p.found_by_threads)
     if _installed:
         _instrument_pool(pool)
