@@ -12,7 +12,6 @@ it pays one dict lookup per fork.
 
 from __future__ import annotations
 
-import os
 import sys
 
 from . import Pool
@@ -22,29 +21,17 @@ if TYPE_CHECKING:
     from .. import _threads
     from .._report import Hazard
 
-_TASKS = "/proc/self/task"
-_PREFIX = b"polars-"
+_PREFIX = "polars-"
 
 
-def pool_threads() -> int:
+def pool_threads(census: _threads.Census | None = None) -> int:
     """How many ``polars-N`` worker threads are alive now (0 where /proc cannot say)."""
-    try:
-        tids = os.listdir(_TASKS)
-    except OSError:
-        return 0
-    count = 0
-    for tid in tids:
-        try:
-            fd = os.open(f"{_TASKS}/{tid}/comm", os.O_RDONLY)
-        except OSError:
-            continue  # the thread ended meanwhile
-        try:
-            name = os.read(fd, 64).strip()
-        finally:
-            os.close(fd)
-        if name.startswith(_PREFIX) and name[len(_PREFIX) :].isdigit():
-            count += 1
-    return count
+    from .. import _threads
+
+    return sum(
+        name.startswith(_PREFIX) and name[len(_PREFIX) :].isdigit()
+        for name in _threads.native_names(census)
+    )
 
 
 class Polars(Pool):
@@ -58,9 +45,9 @@ class Polars(Pool):
     fixes = ("run polars queries in the workers, or fork them before the first parallel query",)
 
     def detect(self, census: _threads.Census | None) -> Hazard | None:
-        if "polars" not in sys.modules:
+        if "polars" not in sys.modules or (census is not None and not census.native):
             return None
-        threads = pool_threads()
+        threads = pool_threads(census)
         if not threads:
             return None
         return self.hazard(
