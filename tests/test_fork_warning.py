@@ -31,9 +31,7 @@ print("PARENT_DONE")
 FORK_LINE = line_of(SCRIPT, "# FORK")
 
 
-def _stderr(
-    tmp_path: Path, guard: bool, *options: str, mode: str = "warn"
-) -> tuple[int, str, str]:
+def _stderr(tmp_path: Path, guard: bool, *options: str, mode: str = "warn") -> tuple[int, str, str]:
     """Run the script in a fresh interpreter with a clean environment (no PYTHONWARNINGS)."""
     script = tmp_path / "forker.py"
     script.write_text(SCRIPT)
