@@ -262,6 +262,56 @@ def test_alone_answers_from_the_held_task_directory_and_never_misreads_it() -> N
     assert got["NEW"] == "(True, True)"
 
 
+def test_the_wrappers_lone_check_is_this_processs_own() -> None:
+    """The wrapper's quick check (``_fork._lone``) is armed by a judged fork that found the
+    caller alone, sees a new thread, is not trusted by a forked child until that child's own
+    first judged fork, and gives up a descriptor that now names someone else's file."""
+    code = """
+    import _thread, os, tempfile, time
+    import tokguard
+    from tokguard import _fork
+    def forked(job):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.write(w, str(job()).encode())
+            os._exit(0)
+        os.waitpid(pid, 0)
+        os.close(w)
+        return os.read(r, 100).decode()
+    def in_child():
+        before = _fork._lone()
+        forked(lambda: 0)  # the child's own first fork is judged
+        return (before, _fork._lone())
+    print("UNARMED=%s" % _fork._lone())
+    forked(lambda: 0)
+    print("ARMED=%s" % _fork._lone())
+    print("CHILD=%s" % forked(in_child))
+    stop = _thread.allocate_lock(); stop.acquire()
+    _thread.start_new_thread(stop.acquire, ())
+    time.sleep(0.2)
+    print("THREAD=%s" % _fork._lone())
+    stop.release(); time.sleep(0.2)
+    print("AGAIN=%s" % _fork._lone())
+    fd = _fork._lone_check[1]
+    os.close(fd)
+    theirs = tempfile.mkdtemp()
+    os.mkdir(os.path.join(theirs, "sub"))  # a link count of 3, as a lone thread's
+    print("REUSED=%s" % (os.open(theirs, os.O_RDONLY) == fd))
+    print("THEIRS=%s" % _fork._lone())
+    """
+    result = run_py(code, guard=True)
+    assert result.returncode == 0, str(result)
+    got = values(result)
+    assert got["UNARMED"] == "False"
+    assert got["ARMED"] == "True"
+    assert got["CHILD"] == "(False, True)"  # armed by the child's own judged fork
+    assert got["THREAD"] == "False"
+    assert got["AGAIN"] == "True"
+    assert got["REUSED"] == "True"
+    assert got["THEIRS"] == "False"
+
+
 def test_a_pool_asked_when_alone_is_asked_at_every_fork() -> None:
     """The quick path is for forks that need nothing: a pool whose evidence is not threads
     (any pool registered without ``found_by_threads``) is asked even when the caller is the

@@ -80,8 +80,11 @@ _idle = True
 """Nothing joined the hooks and this process was not born of an unsafe fork."""
 _quiet = False
 """True while the wrapper makes a fork it found nothing to do for."""
-_alone: "Callable[[], bool] | None" = None
-"""``_threads.alone``, bound at the first judged fork (``_threads`` loads with it)."""
+_lone_check = (-1, -1, 0, 0)
+"""(generation, descriptor, st_dev, st_ino) of the task directory the thread census holds
+open, taken at a judged fork that found the caller alone. Keyed by the fork generation, not
+the pid: a child counts its generation in a hook that runs anyway, where ``os.getpid()``
+would be one more system call before each fork (5 to 9 us of a cold fork here)."""
 
 _handoff: "dict[int, _report.ForkReport | None]" = {}  # thread -> judged by the os.fork wrapper
 _plans: "dict[int, Sequence[Hazard]]" = {}  # thread -> hazards the child must repair
@@ -190,10 +193,7 @@ def _make_report(
 def _guard(real: "Callable[[], Any]") -> "Callable[[], Any]":
     def fork() -> "Any":
         global _quiet
-        if _idle and (
-            _config.mode == "off"
-            or (_alone is not None and not pools.asked_when_alone and _alone())
-        ):
+        if _idle and (_config.mode == "off" or (not pools.asked_when_alone and _lone())):
             _quiet = True
             try:
                 if _ATTRIBUTE_FORK_WARNING and _config.mode == "off":
@@ -210,20 +210,35 @@ def _guard(real: "Callable[[], Any]") -> "Callable[[], Any]":
     return fork
 
 
+def _lone() -> bool:
+    """Whether the caller is the only thread, from one ``fstat`` (see ``_lone_check``)."""
+    held_generation, fd, dev, ino = _lone_check
+    if held_generation != generation:
+        return False  # no judged fork yet in this process
+    try:
+        stat = os.fstat(fd)
+    except OSError:
+        return False
+    # The inode: someone may have closed the descriptor and opened a file of theirs in its place.
+    return stat.st_nlink == 3 and stat.st_ino == ino and stat.st_dev == dev
+
+
 def _judged_fork(real: "Callable[[], Any]") -> "Any":
     """A fork the quick check could not clear: judge it, refuse or report it, then make it."""
-    global _alone
+    global _lone_check
     ident = _thread.get_ident()
     alone = False
     if _config.mode != "off":
         try:
             hazards, census = pools.assess()
-            if _alone is None:
-                from . import _threads  # loaded by the census just taken
-
-                _alone = _threads.alone
             # The caller is the only thread: no pool's workers and no other thread exist.
             alone = census is not None and census.os_threads == 1
+            if alone:
+                from . import _threads  # loaded by the census just taken
+
+                pid, fd, dev, ino = _threads.held()
+                if pid == os.getpid():
+                    _lone_check = (generation, fd, dev, ino)
             report = _make_report(hazards, census, True, 2) if hazards else None
         except Exception as exc:  # never let a tokguard bug stop a fork
             _internal_error("judging a fork", exc)

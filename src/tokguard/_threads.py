@@ -261,6 +261,11 @@ def _file_id(stat: os.stat_result) -> tuple[int, int]:
     return stat.st_dev, stat.st_ino
 
 
+def held() -> tuple[int, int, int, int]:
+    """(pid, descriptor, st_dev, st_ino) of the task directory held open, or (0, -1, 0, 0)."""
+    return _held
+
+
 def alone() -> bool:
     """Whether the caller is this process's only thread, from one ``fstat``; False also
     where that cannot be told this way (then a census tells)."""
