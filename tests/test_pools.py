@@ -315,36 +315,48 @@ def test_the_wrappers_lone_check_is_this_processs_own() -> None:
 def test_a_pool_asked_when_alone_is_asked_at_every_fork() -> None:
     """The quick path is for forks that need nothing: a pool whose evidence is not threads
     (any pool registered without ``found_by_threads``) is asked even when the caller is the
-    only thread, at every fork, and a quick fork's child is still counted."""
+    only thread, at every fork. Where it finds nothing the fork stays quick (the hooks see
+    ``_quiet``); where it finds something, or fails, the fork is judged in full, reported, and
+    the failure said once. A quick fork's child is still counted."""
     code = """
-    import os, warnings
+    import os, sys, warnings
     import tokguard
     from tokguard import _fork, pools
-    for _ in range(3):  # the first fork binds the quick check; later ones may take it
-        pid = os.fork()
-        if pid == 0:
-            os._exit(_fork.generation)
-        print("GENERATION=%s" % os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
-    class Always(pools.Pool):
-        id = title = "always"
-        def detect(self, census):
-            return self.hazard("always")
-    pools.register(Always())
-    seen = []
-    tokguard.subscribe(seen.append)
-    for _ in range(3):
+    quiet = []
+    os.register_at_fork(before=lambda: quiet.append(_fork._quiet))
+    def fork():
         with warnings.catch_warnings(record=True):
             pid = os.fork()
             if pid == 0:
-                os._exit(0)
-            os.waitpid(pid, 0)
-    print("REPORTS=%s" % len(seen))
+                os._exit(_fork.generation)
+            return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    class Switch(pools.Pool):
+        id = title = "switch"
+        state = "off"
+        def detect(self, census):
+            if self.state == "fail":
+                raise RuntimeError("probe failed")
+            return self.hazard("on") if self.state == "on" else None
+    switch = pools.register(Switch())
+    seen = []
+    tokguard.subscribe(seen.append)
+    print("GENERATIONS=%s" % [fork() for _ in range(3)])  # the first binds the quick check
+    print("QUIET_OFF=%s" % quiet[1:]); quiet.clear()
+    switch.state = "on"
+    fork(); fork()
+    print("QUIET_ON=%s REPORTS=%s" % (quiet, len(seen))); quiet.clear()
+    switch.state = "fail"
+    fork(); fork()
+    print("QUIET_FAIL=%s" % quiet)
     """
     result = run_py(code, guard=True)
     assert result.returncode == 0, str(result)
     got = values(result)
-    assert got["GENERATION"] == "1"
-    assert got["REPORTS"] == "3"
+    assert got["GENERATIONS"] == "[1, 1, 1]"
+    assert got["QUIET_OFF"] == "[True, True]"
+    assert got["QUIET_ON"] == "[False, False] REPORTS=2"
+    assert got["QUIET_FAIL"] == "[False, False]"
+    assert result.stderr.count("probe failed") == 1, result.stderr
 
 
 def test_a_registered_pool_with_a_setting_is_kept_cold() -> None:

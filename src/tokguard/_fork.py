@@ -70,12 +70,13 @@ _parent_hooks: "tuple[Callable[[], None], ...]" = ()
 
 # The common fork is one the wrapper finds nothing to do for: nothing joined the hooks, no
 # earlier fork left anything to undo, and either the mode is off or the caller is the
-# process's only thread and no loaded pool has evidence other than threads. The wrapper tells
-# that from a few globals and one ``fstat`` and sets ``_quiet``; each hook returns on reading
-# it. A fork runs cold (caches and TLB emptied, every page written faulted in again), so
-# each object touched costs far more than in a loop: judging a fork with nothing active
-# cost 84 to 120 us per fork on a 2-core virtual machine before this path, and 17 to 26 us
-# with it, most of that the ``fstat`` (docs/benchmarks.md).
+# process's only thread and no loaded pool with evidence other than threads finds any (torch's
+# CUDA pool, where torch is imported). The wrapper tells that from a few globals, one
+# ``fstat`` and those pools, and sets ``_quiet``; each hook returns on reading it. A fork runs
+# cold (caches and TLB emptied, every page written faulted in again), so each object touched
+# costs far more than in a loop: judging a fork with nothing active cost 84 to 120 us per fork
+# on a 2-core virtual machine before this path, and about 20 us with it, most of that the
+# ``fstat`` (docs/benchmarks.md).
 _idle = True
 """Nothing joined the hooks and this process was not born of an unsafe fork."""
 _quiet = False
@@ -193,7 +194,10 @@ def _make_report(
 def _guard(real: "Callable[[], Any]") -> "Callable[[], Any]":
     def fork() -> "Any":
         global _quiet
-        if _idle and (_config.mode == "off" or (not pools.asked_when_alone and _lone())):
+        if _idle and (
+            _config.mode == "off"
+            or (_lone() and (not pools.asked_when_alone or pools.nothing_when_alone()))
+        ):
             _quiet = True
             try:
                 if _ATTRIBUTE_FORK_WARNING and _config.mode == "off":

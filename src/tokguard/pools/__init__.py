@@ -115,7 +115,8 @@ ALL: list[Pool] = []
 """Every pool, in the order reports list them."""
 asked_when_alone: tuple[Pool, ...] = ()
 """The pools of ``ALL`` that a fork whose caller is the only thread still asks (their
-evidence is not threads); where there are none, such a fork needs no judgement at all."""
+evidence is not threads); where there are none, such a fork needs no judgement at all, and
+where they find nothing (``nothing_when_alone``), none beyond asking them."""
 _by_id: dict[str, Pool] = {}
 _installed = False
 
@@ -273,6 +274,19 @@ def assess() -> "tuple[list[Hazard], _threads.Census | None]":
         if hazard is not None:
             found.append(hazard)
     return found, census
+
+
+def nothing_when_alone() -> bool:
+    """Whether every pool that a lone-thread fork asks finds nothing: the fork wrapper's quick
+    path, where the caller is the only thread (torch imported but idle, say). A pool that
+    fails counts as finding something, so that the full judgement reports its error."""
+    alone = _threads_module.ALONE if _threads_module is not None else None
+    if alone is None:
+        return False  # no judged fork yet
+    try:
+        return all(pool.detect(alone) is None for pool in asked_when_alone)
+    except Exception:
+        return False
 
 
 def hazards() -> "list[Hazard]":
