@@ -75,7 +75,7 @@ _parent_hooks: "tuple[Callable[[], None], ...]" = ()
 # ``fstat`` and those pools, and sets ``_quiet``; each hook returns on reading it. A fork runs
 # cold (caches and TLB emptied, every page written faulted in again), so each object touched
 # costs far more than in a loop: judging a fork with nothing active cost 84 to 120 us per fork
-# on a 2-core virtual machine before this path, and about 20 us with it, most of that the
+# on a 2-core virtual machine before this path, and 17 to 18 us with it, nearly all of that the
 # ``fstat`` (docs/benchmarks.md).
 _idle = True
 """Nothing joined the hooks and this process was not born of an unsafe fork."""
