@@ -201,76 +201,21 @@ def test_census_counts_threads_from_one_stat_and_checks_that_first() -> None:
     assert got["FALLBACK"] == "(2, False)"
 
 
-def test_alone_answers_from_the_held_task_directory_and_never_misreads_it() -> None:
-    """``alone()`` (the quick check before a fork) agrees with the census as threads come
-    and go; a forked child does not trust its parent's descriptor, closes it at its first
-    census and holds its own; a descriptor someone else closed and whose number now names
-    their file is given up, never closed, and replaced at the next census."""
+def test_the_lone_thread_checks_read_this_processs_own_task_directory() -> None:
+    """Both quick checks, the census's ``_threads.alone()`` and the fork wrapper's
+    ``_fork._lone()``, answer from the task directory held open: unarmed before the first
+    judged fork, they follow threads as they come and go; an exec'd program never inherits the
+    descriptor; a forked child trusts neither until its own first judged fork, which closes
+    the parent's descriptor and opens its own; a descriptor someone else closed and whose
+    number now names their file (a directory with a lone thread's link count) is given up,
+    never closed, and replaced at the next judged fork."""
     code = """
-    import _thread, os, subprocess, sys, time
-    from tokguard import _threads
-    print("BEFORE=%s" % _threads.alone())  # nothing held before the first census
-    _threads.census()
-    print("ALONE=%s" % _threads.alone())
-    stop = _thread.allocate_lock(); stop.acquire()
-    _thread.start_new_thread(stop.acquire, ())
-    time.sleep(0.2)
-    print("THREAD=%s" % _threads.alone())
-    stop.release(); time.sleep(0.2)
-    print("AFTER=%s" % _threads.alone())
-    held = _threads._held[1]
-    probe = "import os, sys; os.fstat(int(sys.argv[1]))"
-    exec_child = subprocess.run([sys.executable, "-c", probe, str(held)], capture_output=True)
-    print("EXEC_CHILD_HAS_IT=%s" % (exec_child.returncode == 0))
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        first = _threads.alone()
-        fds = len(os.listdir("/proc/self/fd"))
-        _threads.census()
-        # The parent's descriptor closed, this process's own opened (often the same number).
-        same_count = len(os.listdir("/proc/self/fd")) == fds
-        own = os.readlink("/proc/self/fd/%d" % _threads._held[1]) == "/proc/%d/task" % os.getpid()
-        line = "%s %s %s" % (first, same_count and own, _threads.alone())
-        os.write(w, line.encode())
-        os._exit(0)
-    os.waitpid(pid, 0)
-    os.close(w)
-    print("CHILD=%s" % os.read(r, 100).decode())
-    os.close(held)
-    import tempfile
-    theirs_dir = tempfile.mkdtemp()
-    os.mkdir(os.path.join(theirs_dir, "sub"))  # a link count of 3, as a lone thread's
-    theirs = os.open(theirs_dir, os.O_RDONLY)
-    print("REUSED=%s" % (theirs == held))
-    print("THEIRS=%s" % _threads.alone())
-    _threads.census()
-    os.fstat(theirs)  # still open: never closed by tokguard
-    print("NEW=%s" % ((_threads._held[1] not in (-1, theirs), _threads.alone()),))
-    """
-    result = run_py(code, guard=True)
-    assert result.returncode == 0, str(result)
-    got = values(result)
-    assert got["BEFORE"] == "False"
-    assert got["ALONE"] == "True"
-    assert got["THREAD"] == "False"
-    assert got["AFTER"] == "True"
-    assert got["EXEC_CHILD_HAS_IT"] == "False"
-    assert got["CHILD"] == "False True True"
-    assert got["REUSED"] == "True"
-    assert got["THEIRS"] == "False"
-    assert got["NEW"] == "(True, True)"
-
-
-def test_the_wrappers_lone_check_is_this_processs_own() -> None:
-    """The wrapper's quick check (``_fork._lone``) is armed by a judged fork that found the
-    caller alone, sees a new thread, is not trusted by a forked child until that child's own
-    first judged fork, and gives up a descriptor that now names someone else's file."""
-    code = """
-    import _thread, os, tempfile, time
+    import _thread, os, subprocess, sys, tempfile, time
     import tokguard
-    from tokguard import _fork
-    def forked(job):
+    from tokguard import _fork, _threads
+    def both():
+        return (_threads.alone(), _fork._lone())
+    def forked(job=lambda: 0):
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:
@@ -278,38 +223,58 @@ def test_the_wrappers_lone_check_is_this_processs_own() -> None:
             os._exit(0)
         os.waitpid(pid, 0)
         os.close(w)
-        return os.read(r, 100).decode()
+        return os.read(r, 200).decode()
     def in_child():
-        before = _fork._lone()
-        forked(lambda: 0)  # the child's own first fork is judged
-        return (before, _fork._lone())
-    print("UNARMED=%s" % _fork._lone())
-    forked(lambda: 0)
-    print("ARMED=%s" % _fork._lone())
-    print("CHILD=%s" % forked(in_child))
+        before = both()
+        forked()  # the child's own first fork is judged
+        # The parent's descriptor closed, this process's own opened (often the same number).
+        return (before, task_dirs_open() == ["/proc/%d/task" % os.getpid()], both())
+    def task_dirs_open():
+        found = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink("/proc/self/fd/" + fd)
+            except OSError:  # the listing's own descriptor
+                continue
+            if target.endswith("/task"):
+                found.append(target)
+        return found
+    print("UNARMED=%s" % (both(),))
+    forked()
+    print("ARMED=%s" % (both(),))
     stop = _thread.allocate_lock(); stop.acquire()
     _thread.start_new_thread(stop.acquire, ())
     time.sleep(0.2)
-    print("THREAD=%s" % _fork._lone())
+    print("THREAD=%s" % (both(),))
     stop.release(); time.sleep(0.2)
-    print("AGAIN=%s" % _fork._lone())
-    fd = _fork._lone_check[1]
-    os.close(fd)
-    theirs = tempfile.mkdtemp()
-    os.mkdir(os.path.join(theirs, "sub"))  # a link count of 3, as a lone thread's
-    print("REUSED=%s" % (os.open(theirs, os.O_RDONLY) == fd))
-    print("THEIRS=%s" % _fork._lone())
+    print("AGAIN=%s" % (both(),))
+    held = _threads._held[1]
+    probe = "import os, sys; os.fstat(int(sys.argv[1]))"
+    exec_child = subprocess.run([sys.executable, "-c", probe, str(held)], capture_output=True)
+    print("EXEC_CHILD_HAS_IT=%s" % (exec_child.returncode == 0))
+    print("CHILD=%s" % forked(in_child))
+    os.close(held)
+    theirs_dir = tempfile.mkdtemp()
+    os.mkdir(os.path.join(theirs_dir, "sub"))  # a link count of 3, as a lone thread's
+    theirs = os.open(theirs_dir, os.O_RDONLY)
+    print("REUSED=%s" % (theirs == held))
+    print("THEIRS=%s" % (both(),))
+    forked()
+    os.fstat(theirs)  # still open: never closed by tokguard
+    print("NEW=%s" % ((_threads._held[1] not in (-1, theirs), both()),))
     """
     result = run_py(code, guard=True)
     assert result.returncode == 0, str(result)
     got = values(result)
-    assert got["UNARMED"] == "False"
-    assert got["ARMED"] == "True"
-    assert got["CHILD"] == "(False, True)"  # armed by the child's own judged fork
-    assert got["THREAD"] == "False"
-    assert got["AGAIN"] == "True"
+    assert got["UNARMED"] == "(False, False)"
+    assert got["ARMED"] == "(True, True)"
+    assert got["THREAD"] == "(False, False)"
+    assert got["AGAIN"] == "(True, True)"
+    assert got["EXEC_CHILD_HAS_IT"] == "False"
+    assert got["CHILD"] == "((False, False), True, (True, True))"
     assert got["REUSED"] == "True"
-    assert got["THEIRS"] == "False"
+    assert got["THEIRS"] == "(False, False)"
+    assert got["NEW"] == "(True, (True, True))"
 
 
 def test_a_pool_asked_when_alone_is_asked_at_every_fork() -> None:
