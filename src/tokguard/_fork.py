@@ -74,7 +74,7 @@ _parent_hooks: "tuple[Callable[[], None], ...]" = ()
 # CUDA pool, where torch is imported). The wrapper tells that from a few globals, one
 # ``fstat`` and those pools, and sets ``_quiet``; each hook returns on reading it. A fork runs
 # cold (caches and TLB emptied, every page written faulted in again), so each object touched
-# costs far more than in a loop: judging a fork with nothing active cost 84 to 120 us per fork
+# costs far more than in a loop: judging a fork with nothing active cost 61 to 120 us per fork
 # on a 2-core virtual machine before this path, and 17 to 18 us with it, nearly all of that the
 # ``fstat`` (docs/benchmarks.md).
 _idle = True
