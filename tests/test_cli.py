@@ -454,10 +454,10 @@ def test_demo_list() -> None:
 
 def test_demo_row2_hangs_without_and_finishes_with_tokguard() -> None:
     """demo row2: hung children without tokguard, all finished with it, report shown."""
-    proc = run("demo", "--rows", "row2", "--timeout", "3", timeout=120)
+    proc = run("demo", "--rows", "row2", "--timeout", "30", timeout=120)
     assert proc.returncode == EXIT_OK, proc.stdout + proc.stderr
     line = next(x for x in proc.stdout.splitlines() if x.startswith("row2 "))
-    # The watchdog recognises the stuck children long before the 3 s outer bound.
+    # The watchdog recognises the stuck children long before the 30 s outer bound.
     assert re.search(r"hung: 2 of 2 forks, recognised in \d+\.\d\d s", line), line
     assert re.search(r"finished in \d+\.\d\d s", line)
     assert "tokenizers parallel pool (rayon)" in proc.stdout
@@ -468,11 +468,14 @@ def test_demo_row2_hangs_without_and_finishes_with_tokguard() -> None:
 
 def test_demo_json() -> None:
     """demo --json gives both runs per row and an overall ok."""
-    proc = run("demo", "--rows", "row2", "--timeout", "3", "--json", timeout=120)
+    # A stuck child is recognised in about 0.35 s whatever the outer bound, which only cuts off
+    # a slow one: with 3 s, one guarded child fell short of "ok" once on 2 cores at load 20
+    # (not reproduced in 29 runs at load 12 to 20); the row is in the message now.
+    proc = run("demo", "--rows", "row2", "--timeout", "30", "--json", timeout=120)
     data = json.loads(proc.stdout)
     (row,) = data["rows"]
-    assert row["without"]["result"]["hung"] == 2
-    assert row["with"]["result"]["ok"] == 2
+    assert row["without"]["result"]["hung"] == 2, row
+    assert row["with"]["result"]["ok"] == 2, row
     assert "tokguard saw an unsafe fork" in row["with"]["warning"]
     assert data["ok"] is True
 
