@@ -248,7 +248,7 @@ def _hold_task_dir(pid: int) -> None:
         except OSError:
             pass  # closed meanwhile (a daemon that closes every descriptor): not ours now
     try:
-        fd = os.open(f"/proc/{pid}/task", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = os.open(_task_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return  # out of descriptors, say: forks take the census, as without this
     try:
