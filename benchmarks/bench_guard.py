@@ -219,38 +219,42 @@ def bench_fork(forks: int, baseline: str | None, rounds: int) -> None:
                     result = dict(json.loads(out.stdout.strip().splitlines()[-1]))
                     runs.setdefault((tree, modes), []).append(result)
 
-        def med(tree: str, modes: str, key: str, runs: dict = runs) -> float:  # type: ignore[type-arg]
-            return statistics.median(r[key] for r in runs[(tree, modes)])
+        # (tree, modes) -> each figure's median over the rounds
+        medians = {
+            run: {key: statistics.median(r[key] for r in results) for key in results[0]}
+            for run, results in runs.items()
+        }
 
-        bare_us, bare_faults = med("bare", "bare", "bare_us"), med("bare", "bare", "bare_faults")
+        bare = medians[("bare", "bare")]
         for tree in trees:
             name = "" if tree == "now" else " (baseline tree)"
-            warn_us = med(tree, "warn", "warn_us")
+            warn, paired = medians[(tree, "warn")], medians[(tree, "off,warn")]
             add(
                 f"os.fork()+waitpid, {label}{name}: without tokguard vs mode warn "
                 f"(processes in turn, median of {rounds})",
-                bare_us,
-                warn_us,
+                bare["bare_us"],
+                warn["warn_us"],
                 "us",
-                f"{warn_us - bare_us:+.1f} us per fork (drift between processes: see the next row)",
+                f"{warn['warn_us'] - bare['bare_us']:+.1f} us per fork "
+                "(drift between processes: see the next row)",
             )
             add(
                 f"  same process, mode off (base) vs warn, alternated fork by fork{name}",
-                med(tree, "off,warn", "off_us"),
-                med(tree, "off,warn", "warn_us"),
+                paired["off_us"],
+                paired["warn_us"],
                 "us",
-                f"judging: {med(tree, 'off,warn', 'added_us'):+.1f} us per fork"
+                f"judging: {paired['added_us']:+.1f} us per fork"
                 + ("" if torch_idle else " (target <= 10 us)"),
             )
             add_plain(
                 f"  page faults per fork, parent + child: without / off / warn{name}",
-                f"{bare_faults:.1f} / {med(tree, 'off,warn', 'off_faults'):.1f} / "
-                f"{med(tree, 'warn', 'warn_faults'):.1f}",
+                f"{bare['bare_faults']:.1f} / {paired['off_faults']:.1f} / "
+                f"{warn['warn_faults']:.1f}",
                 "each page written around a fork is faulted in again",
             )
             add_plain(
                 f"  judgement alone (pools.assess / _fork._judge), {label}{name}",
-                f"{med(tree, 'warn', 'assess_us'):.2f} / {med(tree, 'warn', 'judge_us'):.2f} us",
+                f"{warn['assess_us']:.2f} / {warn['judge_us']:.2f} us",
                 f"target <= {30 if torch_idle else 10} us",
             )
 
