@@ -207,15 +207,17 @@ def _record_first_use() -> None:
     ``_call_impl`` it found, to skip straight to ``forward`` while that is still in place.
     """
     POOL.first_use = _sites.user_site(_sites.POOL_LIBRARIES, depth=2) or UNRECORDED
-    for name in list(_restores):
-        if name != MODULE_CALL or DYNAMO not in sys.modules:
-            _restores.pop(name)()
+    _put_back(keep_module_call=DYNAMO in sys.modules)
 
 
 def _put_back_functions() -> None:
     """Before torch.compile's tracer is imported: every original but the module call's."""
+    _put_back(keep_module_call=True)
+
+
+def _put_back(keep_module_call: bool) -> None:
     for name in list(_restores):
-        if name != MODULE_CALL:
+        if name != MODULE_CALL or not keep_module_call:
             _restores.pop(name)()
 
 
